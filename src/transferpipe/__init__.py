@@ -1,0 +1,1 @@
+"""transferpipe: reproducible transfer learning for text classifiers."""

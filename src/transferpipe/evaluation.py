@@ -1,0 +1,55 @@
+"""Test-set metrics with scikit-learn, and the TF-IDF + logistic-regression baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.pipeline import make_pipeline
+
+from transferpipe.params import EvaluateParams
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_names: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-class precision / recall / F1 / support, keyed by label name."""
+    labels = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(label_names)
+        },
+    }
+
+
+def confusion_rows(y_true: Sequence[int], y_pred: Sequence[int], label_names: list[str]) -> list[dict]:
+    """One {actual, predicted} row per example: the input of DVC's confusion template."""
+    return [{"actual": label_names[t], "predicted": label_names[p]} for t, p in zip(y_true, y_pred, strict=True)]
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> np.ndarray:
+    return confusion_matrix(y_true, y_pred, labels=list(range(n_labels)))
+
+
+def tfidf_logreg(
+    train_texts: list[str], train_labels: list[int], test_texts: list[str], params: EvaluateParams
+) -> np.ndarray:
+    """Predictions of TF-IDF (word 1-2 grams, sublinear tf) + logistic regression trained on the same labels."""
+    model = make_pipeline(
+        TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), max_features=params.baseline_max_features),
+        LogisticRegression(C=params.baseline_C, max_iter=2000),
+    )
+    model.fit(train_texts, train_labels)
+    return model.predict(test_texts)

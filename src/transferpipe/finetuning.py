@@ -1,0 +1,93 @@
+"""Fine-tuning the pretrained encoder as a sequence classifier, with validation-based early stopping."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+
+from transferpipe.evaluation import classification_metrics
+from transferpipe.modeling import freeze, param_groups
+from transferpipe.params import FinetuneParams
+from transferpipe.tracking import Run
+from transferpipe.training import FitResult, fit, make_optimizer
+
+
+def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> DataCollatorWithPadding:
+    """Pad each batch to its own longest sequence (multiples of 8 suit GPU tensor cores)."""
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: PreTrainedModel,
+    dataset: datasets.Dataset,
+    collator: DataCollatorWithPadding,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Logits for every example, in dataset order: (n_examples, n_labels)."""
+    model.to(device).eval()
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator)
+    out = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(**batch).logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: datasets.DatasetDict,
+    label_names: list[str],
+    params: FinetuneParams,
+    run: Run,
+    device: torch.device,
+) -> FitResult:
+    """Train on splits["train"], evaluate macro-F1 on splits["validation"] every epoch, keep the best."""
+    frozen = freeze(model, params.freeze_embeddings, params.freeze_layers)
+    run.log_params({"frozen_parameters": frozen})
+    collator = collator_for(tokenizer, device)
+    train = splits["train"].select_columns(
+        [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in splits["train"].column_names]
+    )
+    loader = DataLoader(
+        train,
+        batch_size=params.batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(params.seed),
+    )
+    groups = param_groups(model, params.encoder_learning_rate, params.head_learning_rate, params.weight_decay)
+    optimizer = make_optimizer(groups, params.head_learning_rate, 0.999, device)
+    validation = splits["validation"]
+
+    def evaluate() -> dict[str, float]:
+        logits = predict_logits(model, validation, collator, params.batch_size * 2, device)
+        labels = np.asarray(validation["labels"])
+        loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        scores = classification_metrics(labels, logits.argmax(-1), label_names)
+        return {"loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    return fit(
+        model,
+        loader,
+        optimizer=optimizer,
+        total_steps=params.epochs * len(loader),
+        warmup_ratio=params.warmup_ratio,
+        max_grad_norm=params.max_grad_norm,
+        eval_every=len(loader),
+        evaluate=evaluate,
+        run=run,
+        device=device,
+        monitor="macro_f1",
+        patience=params.early_stopping_patience,
+        log_every=max(1, min(10, len(loader) // 2)),
+        desc="finetune",
+    )

@@ -1,0 +1,140 @@
+"""Models from transformers' own classes: the MLM encoder, the sequence classifier, and their parameter groups.
+
+The default encoder is ModernBERT-style (pre-LayerNorm, rotary positions, GeGLU) with the MLM loss
+computed on masked positions only (`sparse_prediction`), which on a CPU runs about 1.5x more tokens per
+second than a post-LayerNorm BERT of the same size that projects every position onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    ModernBertConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from transferpipe.errors import UserError
+from transferpipe.params import ModelParams
+
+
+def new_encoder_config(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    if params.hidden_size % params.num_attention_heads:
+        raise UserError(
+            f"params model.hidden_size {params.hidden_size} must be a multiple of "
+            f"model.num_attention_heads {params.num_attention_heads}"
+        )
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=params.hidden_size,
+        num_hidden_layers=params.num_hidden_layers,
+        num_attention_heads=params.num_attention_heads,
+        intermediate_size=params.intermediate_size,
+        max_position_embeddings=params.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if params.architecture == "bert":
+        # No dropout while pretraining (Cramming): the corpus is seen only a few times.
+        return BertConfig(**sizes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ModernBertConfig(
+        **sizes,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sparse_prediction=True,  # MLM logits and loss on masked positions only
+    )
+
+
+def masked_lm(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A new encoder sized by params, or the checkpoint's MLM model for continued pretraining."""
+    if params.checkpoint is None:
+        return AutoModelForMaskedLM.from_config(new_encoder_config(params, tokenizer))
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(params.checkpoint)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"could not load an MLM model from {params.checkpoint!r}: {str(exc).splitlines()[0]}"
+        ) from None
+    if hasattr(model.config, "sparse_prediction"):
+        model.config.sparse_prediction = True
+    return model
+
+
+def sequence_classifier(
+    encoder_dir: str | Path, label_names: list[str], classifier_dropout: float
+) -> PreTrainedModel:
+    """The pretrained encoder with a new classification head whose config carries the label names."""
+    config = AutoConfig.from_pretrained(
+        str(encoder_dir),
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        classifier_dropout=classifier_dropout,
+    )
+    return AutoModelForSequenceClassification.from_pretrained(str(encoder_dir), config=config)
+
+
+def encoder_of(model: PreTrainedModel) -> nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def encoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The transformer blocks, lowest first (BERT: encoder.layer; ModernBERT: layers)."""
+    encoder = encoder_of(model)
+    if hasattr(encoder, "layers"):
+        return list(encoder.layers)
+    if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "layer"):
+        return list(encoder.encoder.layer)
+    raise UserError(f"don't know where the layers of {type(encoder).__name__} are; freezing needs them")
+
+
+def freeze(model: PreTrainedModel, embeddings: bool, num_layers: int) -> int:
+    """Freeze the embeddings and the lowest num_layers blocks; returns the number of frozen parameters."""
+    layers = encoder_layers(model)
+    if num_layers > len(layers):
+        raise UserError(f"params finetune.freeze_layers={num_layers} but the encoder has {len(layers)} layers")
+    modules = layers[:num_layers] + ([encoder_of(model).embeddings] if embeddings else [])
+    frozen = 0
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def param_groups(
+    model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float
+) -> list[dict]:
+    """Encoder and head at their own learning rates; no weight decay on biases and norms."""
+    encoder_ids = {id(p) for p in encoder_of(model).parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((id(p) in encoder_ids, no_decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr": encoder_lr if is_encoder else head_lr,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+        }
+        for (is_encoder, no_decay), ps in groups.items()
+    ]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,163 @@
+"""One plain training loop for both pretraining and fine-tuning.
+
+Step-based: warmup then linear decay (transformers' scheduler), AdamW (fused on CUDA), gradient
+clipping, bf16 autocast on CUDA, periodic evaluation, optional early stopping on a monitored metric with
+the best weights kept in memory. Every logged row goes to the returned history (the DVC plots) and to
+MLflow through `run`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from transferpipe.io import atomic_dir, write_csv
+from transferpipe.tracking import Run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(groups: list[dict], lr: float, beta2: float, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
+
+
+@dataclass
+class FitResult:
+    steps: int
+    seconds: float
+    train_rows: list[dict] = field(default_factory=list)  # step, loss, learning_rate
+    eval_rows: list[dict] = field(default_factory=list)  # step, plus what evaluate() returned
+    best: dict[str, float] = field(default_factory=dict)  # the eval row that was kept
+    tokens_per_second: float = 0.0
+    examples_per_second: float = 0.0
+    stopped_early: bool = False
+
+    def write_curves(self, folder: Path) -> None:
+        """train.csv (step, loss, learning_rate) and eval.csv (step, epoch, eval metrics): DVC plots."""
+        with atomic_dir(folder) as tmp:
+            write_csv(tmp / "train.csv", self.train_rows, columns=["step", "loss", "learning_rate"])
+            columns = list(self.eval_rows[0]) if self.eval_rows else ["step", "loss"]
+            write_csv(tmp / "eval.csv", self.eval_rows, columns=columns)
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[int, dict]]:
+    """Endless (epoch, batch) pairs: every pass re-shuffles and, for MLM, draws fresh masks."""
+    epoch = 0
+    while True:
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def fit(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_ratio: float,
+    max_grad_norm: float,
+    eval_every: int,
+    evaluate: Callable[[], dict[str, float]],
+    run: Run,
+    device: torch.device,
+    monitor: str | None = None,
+    patience: int | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    log_every: int = 10,
+    desc: str = "train",
+) -> FitResult:
+    """Train for total_steps; evaluate every eval_every steps and at the end.
+
+    With `monitor` (a key of evaluate()'s result, higher is better) the best weights are restored at the
+    end, and training stops once `patience` evaluations in a row brought no improvement.
+    """
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=math.ceil(warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    result = FitResult(steps=0, seconds=0.0)
+    best_score, best_state, bad_evals = -math.inf, None, 0
+    tokens = examples = 0
+    running, running_n = 0.0, 0
+    current_epoch = -1
+    model.to(device).train()
+    start = time.perf_counter()
+    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    batches = _batches(loader)
+    for step in range(1, total_steps + 1):
+        epoch, batch = next(batches)
+        if epoch != current_epoch:
+            current_epoch = epoch
+            if on_epoch is not None:
+                on_epoch(epoch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        examples += batch["input_ids"].shape[0]
+        running += loss.item()
+        running_n += 1
+        progress.update(1)
+        if step % log_every == 0 or step == total_steps:
+            row = {"step": step, "loss": running / running_n, "learning_rate": scheduler.get_last_lr()[0]}
+            result.train_rows.append(row)
+            run.log_metrics({"train/loss": row["loss"], "train/learning_rate": row["learning_rate"]}, step)
+            progress.set_postfix(loss=f"{row['loss']:.3f}")
+            running, running_n = 0.0, 0
+
+        if step % eval_every == 0 or step == total_steps:
+            model.eval()
+            metrics = evaluate()
+            model.train()
+            elapsed = time.perf_counter() - start
+            throughput = {"tokens_per_second": tokens / elapsed, "examples_per_second": examples / elapsed}
+            row = {"step": step, "epoch": epoch, **metrics}
+            result.eval_rows.append(row)
+            run.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()},
+                             **{f"train/{k}": v for k, v in throughput.items()}}, step)
+            tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if monitor is None:
+                result.best = row
+            elif metrics[monitor] > best_score:
+                best_score, bad_evals, result.best = metrics[monitor], 0, row
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            else:
+                bad_evals += 1
+                if patience is not None and bad_evals >= patience:
+                    result.stopped_early = True
+                    tqdm.write(f"{desc}: no better {monitor} for {patience} evaluations, stopping at step {step}")
+                    break
+    progress.close()
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = tokens / result.seconds
+    result.examples_per_second = examples / result.seconds
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+

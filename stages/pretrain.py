@@ -1,0 +1,82 @@
+"""pretrain: masked-language-model pretraining of the encoder, tracked in MLflow.
+
+From scratch (sizes from the model section) or continued from model.checkpoint. With
+pretrain.enabled false the starting encoder is saved untrained, so finetune starts from it directly.
+
+Inputs:  --data tokenized datasets (mlm_train, mlm_validation), --tokenizer folder
+Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.json),
+         --metrics JSON (DVC metrics), --plots folder (train.csv, eval.csv)
+Params:  model, pretrain, tracking
+Run:     python -m stages.pretrain --params params.yaml --data data/tokenized --tokenizer models/tokenizer \
+             --out models/pretrained --metrics metrics/pretrain.json --plots plots/pretrain
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import datasets
+
+from transferpipe.errors import run_cli
+from transferpipe.io import atomic_dir, write_json
+from transferpipe.modeling import count_parameters, masked_lm, pick_device
+from transferpipe.params import ModelParams, PretrainParams, TrackingParams, load_section, to_flat_dict
+from transferpipe.pretraining import evaluate_untrained, pretrain
+from transferpipe.tokenization import load_tokenizer
+from transferpipe.tracking import start_run
+from transferpipe.training import seed_everything
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    model_params = load_section(args.params, "model", ModelParams)
+    params = load_section(args.params, "pretrain", PretrainParams)
+    tracking = load_section(args.params, "tracking", TrackingParams)
+    seed_everything(params.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    blocks = datasets.load_from_disk(str(args.data))
+    model = masked_lm(model_params, tokenizer)
+    device = pick_device()
+
+    with start_run("pretrain", tracking) as run:
+        run.log_params({
+            **to_flat_dict(model_params, "model"),
+            **to_flat_dict(params, "pretrain"),
+            "parameters": count_parameters(model),
+            "device": device.type,
+        })
+        if params.enabled:
+            result = pretrain(model, tokenizer, blocks, params, run, device)
+        else:
+            result = evaluate_untrained(model, tokenizer, blocks, params, device)
+        metrics = {
+            "eval": {"loss": result.best["loss"], "perplexity": result.best["perplexity"]},
+            "train": {
+                "steps": result.steps,
+                "tokens_per_second": round(result.tokens_per_second, 1),
+                "parameters": count_parameters(model),
+            },
+        }
+        with atomic_dir(args.out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id})
+        write_json(args.metrics, metrics)
+        result.write_curves(args.plots)
+        run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
+        run.log_artifacts(args.out, "model")
+    print(f"pretrain: {metrics}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,73 @@
+"""tokenize: train (or load) the tokenizer, pack the pretraining text, tokenize the classification splits.
+
+The WordPiece tokenizer is trained on pretraining text only (train split plus extra unlabeled text),
+never on validation or test. With model.checkpoint set, that checkpoint's tokenizer is used instead.
+
+Inputs:  --data folder from prepare
+Outputs: --tokenizer folder (save_pretrained), --out datasets folder with splits
+         mlm_train, mlm_validation (packed blocks) and train, validation, test (truncated, unpadded)
+Params:  tokenize, model.checkpoint
+Run:     python -m stages.tokenize --params params.yaml --data data/prepared --tokenizer models/tokenizer \
+             --out data/tokenized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import datasets
+
+from transferpipe.data import read_prepared
+from transferpipe.errors import run_cli
+from transferpipe.io import atomic_dir
+from transferpipe.params import ModelParams, TokenizeParams, load_section
+from transferpipe.tokenization import load_tokenizer, pack_blocks, tokenize_for_classification, train_wordpiece
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m stages.tokenize", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    params = load_section(args.params, "tokenize", TokenizeParams)
+    checkpoint = load_section(args.params, "model", ModelParams).checkpoint
+    splits, label_names, unlabeled = read_prepared(args.data)
+
+    pretrain_text = splits["train"]["text"].tolist() + unlabeled
+    if checkpoint is None:
+        tokenizer = train_wordpiece(pretrain_text, params.vocab_size, params.min_frequency, params.lowercase)
+    else:
+        tokenizer = load_tokenizer(checkpoint)
+
+    tokenized = datasets.DatasetDict(
+        mlm_train=pack_blocks(tokenizer, pretrain_text, params.block_size),
+        # Held-out MLM loss is measured on validation articles, which the tokenizer never saw.
+        mlm_validation=pack_blocks(tokenizer, splits["validation"]["text"].tolist(), params.block_size),
+        **{
+            name: tokenize_for_classification(
+                tokenizer, frame["text"].tolist(), frame["label"].tolist(), params.max_length
+            )
+            for name, frame in splits.items()
+        },
+    )
+    with atomic_dir(args.tokenizer) as tmp:
+        tokenizer.save_pretrained(tmp)
+    with atomic_dir(args.out) as tmp:
+        tokenized.save_to_disk(tmp)
+        (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
+    summary = {
+        "vocab_size": len(tokenizer),
+        "pretraining_tokens": len(tokenized["mlm_train"]) * params.block_size,
+        **{f"{name}_examples": len(tokenized[name]) for name in splits},
+    }
+    print(f"tokenize: {summary}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
