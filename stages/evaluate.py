@@ -63,12 +63,16 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(tmp / f"{name}.json", confusion_rows(y_true, pred, label_names))
 
     run_id = read_json(args.model / "training_run.json").get("mlflow_run_id")
-    log_to_existing_run(run_id, {
-        f"test/{key}" if name == "finetuned" else f"test/{name}_{key}": value
-        for name, scores in metrics["test"].items()
-        for key, value in scores.items()
-        if key != "per_class"
-    }, tracking)
+    log_to_existing_run(
+        run_id,
+        {
+            f"test/{key}" if name == "finetuned" else f"test/{name}_{key}": value
+            for name, scores in metrics["test"].items()
+            for key, value in scores.items()
+            if key != "per_class"
+        },
+        tracking,
+    )
     summary = {name: {k: round(v, 4) for k, v in s.items() if k != "per_class"} for name, s in metrics["test"].items()}
     print(f"evaluate: {summary}")
     return metrics

@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     tags = {"transferpipe.pretrain_run_id": pretrain_run} if pretrain_run else {}
     with start_run("finetune", tracking, tags) as run:
-        run.log_params({
-            **to_flat_dict(params, "finetune"),
-            "parameters": count_parameters(model),
-            "labels": ",".join(label_names),
-            "device": device.type,
-        })
+        run.log_params(
+            {
+                **to_flat_dict(params, "finetune"),
+                "parameters": count_parameters(model),
+                "labels": ",".join(label_names),
+                "device": device.type,
+            }
+        )
         result = finetune(model, tokenizer, splits, label_names, params, run, device)
         best = result.best
         metrics = {

@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device()
 
     with start_run("pretrain", tracking) as run:
-        run.log_params({
-            **to_flat_dict(model_params, "model"),
-            **to_flat_dict(params, "pretrain"),
-            "parameters": count_parameters(model),
-            "device": device.type,
-        })
+        run.log_params(
+            {
+                **to_flat_dict(model_params, "model"),
+                **to_flat_dict(params, "pretrain"),
+                "parameters": count_parameters(model),
+                "device": device.type,
+            }
+        )
         if params.enabled:
             result = pretrain(model, tokenizer, blocks, params, run, device)
         else:

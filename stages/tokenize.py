@@ -23,7 +23,12 @@ from transferpipe.data import read_prepared
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir
 from transferpipe.params import ModelParams, TokenizeParams, load_section
-from transferpipe.tokenization import load_tokenizer, pack_blocks, tokenize_for_classification, train_wordpiece
+from transferpipe.tokenization import (
+    load_tokenizer,
+    pack_blocks,
+    tokenize_for_classification,
+    train_wordpiece,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -70,8 +70,7 @@ def load_table(path: Path) -> pd.DataFrame:
             return pd.read_parquet(path)
     except UnicodeDecodeError as exc:
         raise UserError(
-            f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, "
-            f"e.g. iconv -f cp1252 -t utf-8"
+            f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
         ) from None
     except ValueError as exc:
         raise UserError(f"{path} could not be read as {suffix[1:]}: {str(exc).splitlines()[0]}") from None
@@ -122,8 +121,7 @@ def read_source(source: str, text_column: str, label_column: str | None, hf_spli
         if column not in df.columns:
             which = "text_column" if column == text_column else "label_column"
             raise UserError(
-                f"{source} has no column {column!r} (columns: {', '.join(map(str, df.columns))}); "
-                f"set prepare.{which}"
+                f"{source} has no column {column!r} (columns: {', '.join(map(str, df.columns))}); set prepare.{which}"
             )
     out = pd.DataFrame({"text": df[text_column].map(_as_text)})
     if label_column:
@@ -155,9 +153,7 @@ def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     return df, {"raw": n_raw, "empty_removed": n_empty, "duplicates_removed": n_raw - n_empty - len(df)}
 
 
-def split(
-    df: pd.DataFrame, validation_size: float, test_size: float, seed: int
-) -> dict[str, pd.DataFrame]:
+def split(df: pd.DataFrame, validation_size: float, test_size: float, seed: int) -> dict[str, pd.DataFrame]:
     """Stratified, seeded train / validation / test split."""
     for name, size in (("validation_size", validation_size), ("test_size", test_size)):
         if not 0 < size < 1:

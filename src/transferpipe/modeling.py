@@ -61,17 +61,13 @@ def masked_lm(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PreTra
     try:
         model = AutoModelForMaskedLM.from_pretrained(params.checkpoint)
     except (OSError, ValueError) as exc:
-        raise UserError(
-            f"could not load an MLM model from {params.checkpoint!r}: {str(exc).splitlines()[0]}"
-        ) from None
+        raise UserError(f"could not load an MLM model from {params.checkpoint!r}: {str(exc).splitlines()[0]}") from None
     if hasattr(model.config, "sparse_prediction"):
         model.config.sparse_prediction = True
     return model
 
 
-def sequence_classifier(
-    encoder_dir: str | Path, label_names: list[str], classifier_dropout: float
-) -> PreTrainedModel:
+def sequence_classifier(encoder_dir: str | Path, label_names: list[str], classifier_dropout: float) -> PreTrainedModel:
     """The pretrained encoder with a new classification head whose config carries the label names."""
     config = AutoConfig.from_pretrained(
         str(encoder_dir),
@@ -111,9 +107,7 @@ def freeze(model: PreTrainedModel, embeddings: bool, num_layers: int) -> int:
     return frozen
 
 
-def param_groups(
-    model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float
-) -> list[dict]:
+def param_groups(model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
     """Encoder and head at their own learning rates; no weight decay on biases and norms."""
     encoder_ids = {id(p) for p in encoder_of(model).parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

@@ -107,8 +107,8 @@ class TrackingParams:
 
 SECTIONS: dict[str, type] = {
     "prepare": PrepareParams,
-    "model": ModelParams,
     "tokenize": TokenizeParams,
+    "model": ModelParams,
     "pretrain": PretrainParams,
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,

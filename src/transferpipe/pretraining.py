@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTrainedTokenizerBase
 
 from transferpipe.errors import UserError
+from transferpipe.modeling import param_groups
 from transferpipe.params import PretrainParams
 from transferpipe.tracking import Run
 from transferpipe.training import FitResult, fit, make_optimizer
-from transferpipe.modeling import param_groups
 
 
 @torch.no_grad()
@@ -93,7 +93,9 @@ def evaluate_untrained(
 ) -> FitResult:
     """The held-out MLM loss of the starting encoder, as a FitResult of zero steps (pretraining skipped)."""
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=params.mlm_probability)
-    batches = mlm_eval_batches(blocks["mlm_validation"].with_format("torch"), collator, params.batch_size * 2, params.seed)
+    batches = mlm_eval_batches(
+        blocks["mlm_validation"].with_format("torch"), collator, params.batch_size * 2, params.seed
+    )
     model.to(device).eval()
     row = {"step": 0, "epoch": 0, **mlm_loss(model, batches, device)}
     return FitResult(steps=0, seconds=0.0, eval_rows=[row], best=row)

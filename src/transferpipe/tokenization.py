@@ -65,7 +65,8 @@ def pack_blocks(
 ) -> datasets.Dataset:
     """Tokenize whole documents ([CLS] doc [SEP]), concatenate them and cut blocks of block_size tokens.
 
-    The tail shorter than one block is dropped, as in transformers' run_mlm.py.
+    As in transformers' run_mlm.py, grouping runs per batch of 1000 documents, so memory stays bounded
+    and each batch drops its tail shorter than one block (under block_size tokens per 1000 documents).
     """
     ds = datasets.Dataset.from_dict({"text": texts})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,10 +80,9 @@ class Run:
         if not self.run_id:
             return
         import mlflow
-        import transformers
-
         import tokenizers
         import torch
+        import transformers
 
         # An absolute path is no valid hub repo id, so MLflow's model-card lookup fails at once, offline.
         local = str(Path(model_dir).resolve())
@@ -144,8 +144,18 @@ def start_run(stage: str, params: TrackingParams, tags: dict[str, str] | None = 
     if exp_name:
         all_tags["dvc.exp_name"] = exp_name
     run_name = f"{stage}-{exp_name}" if exp_name else stage
-    with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
-        yield Run(active.info.run_id)
+    # SIGTERM (a killed `dvc repro` or queue worker) would end the process without unwinding; raise
+    # instead, so the run below is closed as FAILED rather than left RUNNING.
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
+            yield Run(active.info.run_id)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def log_to_existing_run(run_id: str, metrics: dict[str, float], params: TrackingParams) -> bool:

@@ -137,8 +137,10 @@ def fit(
             throughput = {"tokens_per_second": tokens / elapsed, "examples_per_second": examples / elapsed}
             row = {"step": step, "epoch": epoch, **metrics}
             result.eval_rows.append(row)
-            run.log_metrics({**{f"eval/{k}": v for k, v in metrics.items()},
-                             **{f"train/{k}": v for k, v in throughput.items()}}, step)
+            run.log_metrics(
+                {**{f"eval/{k}": v for k, v in metrics.items()}, **{f"train/{k}": v for k, v in throughput.items()}},
+                step,
+            )
             tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if monitor is None:
                 result.best = row
@@ -160,4 +162,3 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
-

@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make repro` (install, then run the pipeline) and `make test`.
+# torch goes in first so a CPU machine never pulls a CUDA build; pick another build on a GPU machine:
+#   make repro TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: install repro test test-fast lint format bench plots clean
+
+install:
+	$(PYTHON) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+
+repro: install
+	$(PYTHON) -m dvc repro
+
+test: install
+	$(PYTHON) -m pytest
+
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+plots:
+	$(PYTHON) -m dvc plots show --open
+
+clean:
+	rm -rf .scratch build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny labeled corpus and a tiny params profile, so every test runs offline in seconds."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
+
+# Five topics with their own vocabulary, so even a tiny model can learn something in a few steps.
+TOPICS = {
+    "business": "bank shares market profit economy trade company investors growth prices",
+    "sport": "match goal team player season coach league cup score win",
+    "tech": "software computer internet phone users digital network chip data online",
+    "politics": "minister election party vote government labour parliament policy leader tax",
+    "entertainment": "film music star award album band show actor festival singer",
+}
+
+
+def make_corpus(n_per_class: int = 12, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    common = ["the", "a", "of", "in", "and", "to", "said", "on", "for", "with", "was", "by", "it"]
+    rows = []
+    for label, words in TOPICS.items():
+        vocab = words.split()
+        for _ in range(n_per_class):
+            n = rng.randint(12, 30)
+            text = " ".join(rng.choice(vocab) if rng.random() < 0.5 else rng.choice(common) for _ in range(n))
+            rows.append({"text": text.capitalize() + ".", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture
+def tiny_csv(tmp_path: Path) -> Path:
+    import pandas as pd
+
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame(make_corpus()).to_csv(path, index=False)
+    return path
+
+
+def tiny_params(tmp_path: Path, **overrides: dict) -> Path:
+    """The tiny profile with per-section overrides, written to tmp_path/params.yaml."""
+    params = yaml.safe_load(TINY_PARAMS.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store for this test only."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never reach the hub: a missing local file must fail fast, not retry over the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+
+
+def copy_repo(dest: Path) -> Path:
+    """The tracked pipeline files copied into dest (for tests that run the real dvc)."""
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest

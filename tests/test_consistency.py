@@ -1,0 +1,101 @@
+"""dvc.yaml, params.yaml and the stage code agree: commands, params sections and module deps."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_PARAMS
+from transferpipe.params import SECTIONS
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = ["prepare", "tokenize", "pretrain", "finetune", "evaluate"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """transferpipe modules a file imports directly."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferpipe."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("transferpipe.")}
+    return found
+
+
+def transitive_modules(stage: str) -> set[str]:
+    todo, seen = imported_modules(REPO / "stages" / f"{stage}.py"), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo |= imported_modules(REPO / "src" / "transferpipe" / f"{module}.py")
+    return seen
+
+
+def sections_read(stage: str) -> set[str]:
+    """Sections named in load_section(args.params, "<section>", ...) calls of the stage script."""
+    source = (REPO / "stages" / f"{stage}.py").read_text()
+    return set(re.findall(r'load_section\(args\.params, "(\w+)"', source))
+
+
+def test_stage_order_and_commands() -> None:
+    assert list(DVC["stages"]) == STAGES
+    for name, stage in DVC["stages"].items():
+        assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml"), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deps_list_exactly_the_package_modules_imported(stage: str) -> None:
+    deps = DVC["stages"][stage]["deps"]
+    code_deps = {d for d in deps if d.startswith(("src/", "stages/"))}
+    expected = {f"stages/{stage}.py"} | {f"src/transferpipe/{m}.py" for m in transitive_modules(stage)}
+    assert code_deps == expected
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_list_exactly_the_sections_read(stage: str) -> None:
+    listed = {p.split(".")[0] for p in DVC["stages"][stage]["params"]}
+    assert listed == sections_read(stage)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_path_flag_is_a_declared_dep_or_output(stage: str) -> None:
+    spec = DVC["stages"][stage]
+    declared = set(spec.get("deps", []))
+    for key in ("outs", "metrics", "plots"):
+        for entry in spec.get(key, []):
+            declared.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    flags = re.findall(r"--(\w+) (\S+)", spec["cmd"])
+    paths = {value for flag, value in flags if flag != "params"}
+    assert paths <= declared, paths - declared
+    assert paths | {d for d in declared if d.startswith(("src/", "stages/"))} == declared
+
+
+@pytest.mark.parametrize("params_file", [REPO / "params.yaml", TINY_PARAMS])
+def test_params_files_match_the_dataclasses(params_file: Path) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    assert list(raw) == list(SECTIONS)
+    for name, cls in SECTIONS.items():
+        assert list(raw[name]) == [f.name for f in dataclasses.fields(cls)], name
+
+
+def test_params_floats_are_written_with_a_dot() -> None:
+    """1e-3 without a dot is a string to PyYAML; the loader rejects it, so none may be committed."""
+    for path in (REPO / "params.yaml", TINY_PARAMS):
+        assert not re.search(r":\s*[0-9]+e-?[0-9]+\s*(#.*)?$", path.read_text(), re.MULTILINE), path
+
+
+def test_top_level_plots_point_at_stage_outputs() -> None:
+    outs = {
+        next(iter(o)) if isinstance(o, dict) else o for stage in DVC["stages"].values() for o in stage.get("outs", [])
+    }
+    for plot in DVC["plots"]:
+        (spec,) = plot.values()
+        for file in spec["y"]:
+            assert any(file.startswith(o + "/") for o in outs), file

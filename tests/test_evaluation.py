@@ -1,0 +1,75 @@
+"""Test-set metrics against hand-computed values, confusion rows, and the TF-IDF baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import TOPICS, make_corpus
+from transferpipe.evaluation import classification_metrics, confusion, confusion_rows, tfidf_logreg
+from transferpipe.params import EvaluateParams
+
+# Six examples, three classes. By hand:
+#   a: predicted at 0,1 (both right) -> precision 2/2, recall 2/3, F1 0.8,  support 3
+#   b: predicted at 2,3 (3 right)    -> precision 1/2, recall 1/2, F1 0.5,  support 2
+#   c: predicted at 4,5 (5 right)    -> precision 1/2, recall 1/1, F1 2/3,  support 1
+Y_TRUE = [0, 0, 0, 1, 1, 2]
+Y_PRED = [0, 0, 1, 1, 2, 2]
+NAMES = ["a", "b", "c"]
+
+
+def test_classification_metrics_match_hand_computed_values() -> None:
+    metrics = classification_metrics(Y_TRUE, Y_PRED, NAMES)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    expected = {
+        "a": {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3},
+        "b": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+        "c": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1},
+    }
+    assert list(metrics["per_class"]) == NAMES
+    for name, values in expected.items():
+        assert metrics["per_class"][name] == pytest.approx(values), name
+        assert isinstance(metrics["per_class"][name]["support"], int)
+
+
+def test_a_class_absent_from_the_test_set_counts_as_zero_in_macro_f1() -> None:
+    metrics = classification_metrics(Y_TRUE, Y_PRED, NAMES + ["d"])
+    assert metrics["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 4)
+
+
+def test_perfect_predictions() -> None:
+    metrics = classification_metrics(Y_TRUE, Y_TRUE, NAMES)
+    assert metrics["accuracy"] == 1.0
+    assert metrics["macro_f1"] == 1.0
+
+
+def test_confusion_rows_name_actual_and_predicted() -> None:
+    rows = confusion_rows(Y_TRUE, Y_PRED, NAMES)
+    assert len(rows) == 6
+    assert rows[2] == {"actual": "a", "predicted": "b"}
+    assert rows[4] == {"actual": "b", "predicted": "c"}
+    assert sum(r["actual"] == r["predicted"] for r in rows) == 4
+    with pytest.raises(ValueError):
+        confusion_rows(Y_TRUE, Y_PRED[:-1], NAMES)
+
+
+def test_confusion_matrix_counts() -> None:
+    expected = np.array([[2, 1, 0], [0, 1, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(confusion(Y_TRUE, Y_PRED, 3), expected)
+    assert confusion(Y_TRUE, Y_PRED, 4).shape == (4, 4)
+
+
+def test_tfidf_logreg_learns_the_topics() -> None:
+    rows = make_corpus(n_per_class=30, seed=1)
+    label_ids = {name: i for i, name in enumerate(TOPICS)}
+    texts = [r["text"] for r in rows]
+    labels = [label_ids[r["label"]] for r in rows]
+    params = EvaluateParams(batch_size=8, baseline_max_features=1000, baseline_C=10.0)
+
+    predictions = tfidf_logreg(texts[:100], labels[:100], texts[100:], params)
+
+    assert len(predictions) == 50
+    accuracy = float(np.mean(predictions == np.array(labels[100:])))
+    assert accuracy > 0.8

@@ -1,0 +1,207 @@
+"""Each stage's main() on tiny data with the tiny profile: the exact files it writes, and what MLflow holds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from stages import evaluate, finetune, prepare, pretrain, tokenize
+from tests.conftest import tiny_params
+
+
+def files_in(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> Path:
+    """All five stages run once on the tiny CSV; returns the folder holding their outputs."""
+    params = str(tiny_params(tmp_path, prepare={"source": str(tiny_csv)}))
+    d = tmp_path
+    prepare.main(["--params", params, "--out", f"{d}/data/prepared", "--stats", f"{d}/metrics/data.json"])
+    tokenize.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/data/prepared",
+            "--tokenizer",
+            f"{d}/models/tokenizer",
+            "--out",
+            f"{d}/data/tokenized",
+        ]
+    )
+    pretrain.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/data/tokenized",
+            "--tokenizer",
+            f"{d}/models/tokenizer",
+            "--out",
+            f"{d}/models/pretrained",
+            "--metrics",
+            f"{d}/metrics/pretrain.json",
+            "--plots",
+            f"{d}/plots/pretrain",
+        ]
+    )
+    finetune.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/data/tokenized",
+            "--pretrained",
+            f"{d}/models/pretrained",
+            "--out",
+            f"{d}/models/finetuned",
+            "--metrics",
+            f"{d}/metrics/finetune.json",
+            "--plots",
+            f"{d}/plots/finetune",
+        ]
+    )
+    evaluate.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/data/prepared",
+            "--tokenized",
+            f"{d}/data/tokenized",
+            "--model",
+            f"{d}/models/finetuned",
+            "--metrics",
+            f"{d}/metrics/evaluate.json",
+            "--confusion",
+            f"{d}/plots/confusion",
+        ]
+    )
+    return d
+
+
+def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
+    d = pipeline_dir
+    assert files_in(d / "data/prepared") == {
+        "train.parquet",
+        "validation.parquet",
+        "test.parquet",
+        "unlabeled.parquet",
+        "labels.json",
+    }
+    assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(
+        ["business", "sport", "tech", "politics", "entertainment"]
+    )
+    tokenized = files_in(d / "data/tokenized")
+    assert {"dataset_dict.json", "labels.json"} <= tokenized
+    assert {p.split("/")[0] for p in tokenized if "/" in p} == {
+        "mlm_train",
+        "mlm_validation",
+        "train",
+        "validation",
+        "test",
+    }
+    assert files_in(d / "models/tokenizer") == {"tokenizer.json", "tokenizer_config.json"}
+    for model in ("pretrained", "finetuned"):
+        assert files_in(d / "models" / model) == {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "training_run.json",
+        }
+    assert files_in(d / "plots/pretrain") == {"train.csv", "eval.csv"}
+    assert files_in(d / "plots/finetune") == {"train.csv", "eval.csv"}
+    assert files_in(d / "plots/confusion") == {"finetuned.json", "tfidf_logreg.json"}
+    assert files_in(d / "metrics") == {"data.json", "pretrain.json", "finetune.json", "evaluate.json"}
+    # No temporary siblings are left behind by the atomic writes.
+    assert not [p for p in d.rglob(".*.tmp")]
+
+
+def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
+    d = pipeline_dir
+    stats = json.loads((d / "metrics/data.json").read_text())
+    assert stats["documents"]["kept"] == sum(stats["split"].values()) == 60
+    pre = json.loads((d / "metrics/pretrain.json").read_text())
+    assert math.isfinite(pre["eval"]["loss"]) and pre["eval"]["perplexity"] > 1
+    assert pre["train"]["steps"] == 6
+    fine = json.loads((d / "metrics/finetune.json").read_text())
+    assert 0 <= fine["validation"]["macro_f1"] <= 1
+    ev = json.loads((d / "metrics/evaluate.json").read_text())
+    for model in ("finetuned", "tfidf_logreg"):
+        scores = ev["test"][model]
+        assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["macro_f1"] <= 1
+        assert set(scores["per_class"]) == {"business", "sport", "tech", "politics", "entertainment"}
+        assert sum(c["support"] for c in scores["per_class"].values()) == 12
+    # The baseline separates these synthetic topics easily: a sanity check of the evaluation itself.
+    assert ev["test"]["tfidf_logreg"]["accuracy"] >= 0.8
+    rows = json.loads((d / "plots/confusion/finetuned.json").read_text())
+    assert len(rows) == 12 and set(rows[0]) == {"actual", "predicted"}
+    curve = (d / "plots/pretrain/eval.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,loss,perplexity" and [r.split(",")[0] for r in curve[1:]] == ["3", "6"]
+
+
+def test_finetuned_model_predicts_label_names_with_transformers_pipeline(pipeline_dir: Path) -> None:
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(pipeline_dir / "models/finetuned"))
+    out = clf(["bank shares market profit", "match goal team player"])
+    assert {o["label"] for o in out} <= {"business", "sport", "tech", "politics", "entertainment"}
+
+
+def test_mlflow_holds_both_runs_linked_with_histories_and_a_pyfunc_model(pipeline_dir: Path) -> None:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("transferpipe-test")
+    runs = {r.data.tags["transferpipe.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"pretrain", "finetune"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    pre, fine = runs["pretrain"], runs["finetune"]
+    assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
+    assert json.loads((pipeline_dir / "models/finetuned/training_run.json").read_text()) == {
+        "mlflow_run_id": fine.info.run_id
+    }
+    assert pre.data.params["pretrain.max_steps"] == "6"
+    assert fine.data.params["finetune.head_learning_rate"] == "0.001"
+    assert len(client.get_metric_history(pre.info.run_id, "train/loss")) >= 1
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "eval/loss")][:2] == [3, 6]
+    assert len(client.get_metric_history(fine.info.run_id, "eval/macro_f1")) >= 1
+    # evaluate added the test metrics to the finetune run
+    assert "test/macro_f1" in fine.data.metrics and "test/tfidf_logreg_macro_f1" in fine.data.metrics
+    model = mlflow.pyfunc.load_model(f"runs:/{fine.info.run_id}/model")
+    pred = model.predict(["bank shares market profit economy", "film music star award"])
+    assert set(pred["label"]) <= {"business", "sport", "tech", "politics", "entertainment"}
+    assert len(pred) == 2
+
+
+def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    params = str(tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tracking={"enabled": False}))
+    d = tmp_path
+    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
+    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
+    pretrain.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/t",
+            "--tokenizer",
+            f"{d}/tok",
+            "--out",
+            f"{d}/m",
+            "--metrics",
+            f"{d}/m.json",
+            "--plots",
+            f"{d}/pl",
+        ]
+    )
+    assert json.loads((d / "m/training_run.json").read_text()) == {"mlflow_run_id": None}
+    assert not (tmp_path / "mlflow.db").exists()
