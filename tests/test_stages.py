@@ -205,3 +205,109 @@ def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monke
     )
     assert json.loads((d / "m/training_run.json").read_text()) == {"mlflow_run_id": None}
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_start_from_a_local_checkpoint_with_pretraining_skipped(
+    tmp_path: Path, tiny_csv: Path, mlflow_uri: str
+) -> None:
+    """model.checkpoint: its tokenizer is reused by tokenize, and pretrain.enabled false saves it untrained."""
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+    from tests.conftest import make_corpus
+    from transferpipe.tokenization import train_wordpiece
+
+    ckpt = tmp_path / "my-bert"
+    tok = train_wordpiece([r["text"] for r in make_corpus()], 200, 1, True)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForMaskedLM(config).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+
+    params = str(
+        tiny_params(
+            tmp_path, prepare={"source": str(tiny_csv)}, model={"checkpoint": str(ckpt)}, pretrain={"enabled": False}
+        )
+    )
+    d = tmp_path
+    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
+    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
+    assert (
+        json.loads((d / "tok/tokenizer.json").read_text())["model"]["vocab"]
+        == json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    )
+    metrics = pretrain.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/t",
+            "--tokenizer",
+            f"{d}/tok",
+            "--out",
+            f"{d}/m",
+            "--metrics",
+            f"{d}/m.json",
+            "--plots",
+            f"{d}/pl",
+        ]
+    )
+    assert metrics["train"]["steps"] == 0 and math.isfinite(metrics["eval"]["loss"])
+    saved, original = AutoModelForMaskedLM.from_pretrained(d / "m"), BertForMaskedLM.from_pretrained(ckpt)
+    assert type(saved).__name__ == "BertForMaskedLM"
+    for (name, a), b in zip(saved.state_dict().items(), original.state_dict().values(), strict=True):
+        assert (a == b).all(), name
+    finetune.main(
+        [
+            "--params",
+            params,
+            "--data",
+            f"{d}/t",
+            "--pretrained",
+            f"{d}/m",
+            "--out",
+            f"{d}/f",
+            "--metrics",
+            f"{d}/f.json",
+            "--plots",
+            f"{d}/fp",
+        ]
+    )
+    assert json.loads((d / "f/config.json").read_text())["id2label"]["0"] == "business"
+
+
+def test_failing_finetune_leaves_its_run_failed_and_no_output(
+    tmp_path: Path, pipeline_dir: Path, mlflow_uri: str
+) -> None:
+    (tmp_path / "bad").mkdir()
+    params = str(tiny_params(tmp_path / "bad", finetune={"freeze_layers": 99}))
+    d = pipeline_dir
+    with pytest.raises(Exception, match="freeze_layers=99"):
+        finetune.main(
+            [
+                "--params",
+                params,
+                "--data",
+                f"{d}/data/tokenized",
+                "--pretrained",
+                f"{d}/models/pretrained",
+                "--out",
+                f"{d}/models/again",
+                "--metrics",
+                f"{d}/again.json",
+                "--plots",
+                f"{d}/again",
+            ]
+        )
+    assert not (d / "models/again").exists() and not (d / "again.json").exists()
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("transferpipe-test").experiment_id],
+        "tags.`transferpipe.stage` = 'finetune'",
+        order_by=["attributes.start_time DESC"],
+    )
+    assert runs[0].info.status == "FAILED"
