@@ -4,10 +4,11 @@ Both are trained on the same training labels and scored with scikit-learn on the
 test metrics are also added to the finetune stage's MLflow run.
 
 Inputs:  --data prepared splits (raw text, for the baseline), --tokenized test split, --model folder
-Outputs: --metrics JSON (DVC metrics), --confusion folder (one {actual, predicted} JSON per model)
+Outputs: --metrics JSON (DVC metrics: accuracy, macro-F1), --plots folder (DVC plots, per model:
+         confusion_<model>.json {actual, predicted} rows, per_class_<model>.json precision / recall / F1)
 Params:  evaluate, tracking
 Run:     python -m stages.evaluate --params params.yaml --data data/prepared --tokenized data/tokenized \
-             --model models/finetuned --metrics metrics/evaluate.json --confusion plots/confusion
+             --model models/finetuned --metrics metrics/evaluate.json --plots plots/evaluate
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 from transferpipe.data import read_prepared
 from transferpipe.errors import run_cli
-from transferpipe.evaluation import classification_metrics, confusion_rows, tfidf_logreg
+from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
 from transferpipe.finetuning import collator_for, predict_logits
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import pick_device
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokenized", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--confusion", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
 
     params = load_section(args.params, "evaluate", EvaluateParams)
@@ -55,26 +56,24 @@ def main(argv: list[str] | None = None) -> dict:
             splits["train"]["text"].tolist(), splits["train"]["label"].tolist(), splits["test"]["text"].tolist(), params
         ).tolist(),
     }
-    metrics = {"test": {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}}
+    scores = {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}
+    metrics = {"test": {name: {k: s[k] for k in ("accuracy", "macro_f1")} for name, s in scores.items()}}
 
     write_json(args.metrics, metrics)
-    with atomic_dir(args.confusion) as tmp:
+    with atomic_dir(args.plots) as tmp:
         for name, pred in predictions.items():
-            write_json(tmp / f"{name}.json", confusion_rows(y_true, pred, label_names))
+            write_json(tmp / f"confusion_{name}.json", confusion_rows(y_true, pred, label_names))
+            write_json(tmp / f"per_class_{name}.json", per_class_rows(scores[name]))
 
+    # In MLflow the fine-tuned model's scores are test/<metric>, the baseline's test/<baseline>_<metric>.
     run_id = read_json(args.model / "training_run.json").get("mlflow_run_id")
-    log_to_existing_run(
-        run_id,
-        {
-            f"test/{key}" if name == "finetuned" else f"test/{name}_{key}": value
-            for name, scores in metrics["test"].items()
-            for key, value in scores.items()
-            if key != "per_class"
-        },
-        tracking,
-    )
-    summary = {name: {k: round(v, 4) for k, v in s.items() if k != "per_class"} for name, s in metrics["test"].items()}
-    print(f"evaluate: {summary}")
+    mirrored = {
+        f"test/{key}" if name == "finetuned" else f"test/{name}_{key}": value
+        for name, values in metrics["test"].items()
+        for key, value in values.items()
+    }
+    log_to_existing_run(run_id, mirrored, tracking)
+    print(f"evaluate: {mirrored}")
     return metrics
 
 

@@ -241,6 +241,7 @@ def test_prepared_data_round_trips(tiny_csv: Path, tmp_path: Path) -> None:
     out.mkdir()
     write_prepared(data, out)
     assert sorted(p.name for p in out.iterdir()) == [
+        "class_counts.json",
         "labels.json",
         "test.parquet",
         "train.parquet",

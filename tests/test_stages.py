@@ -80,8 +80,8 @@ def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> Path:
             f"{d}/models/finetuned",
             "--metrics",
             f"{d}/metrics/evaluate.json",
-            "--confusion",
-            f"{d}/plots/confusion",
+            "--plots",
+            f"{d}/plots/evaluate",
         ]
     )
     return d
@@ -94,6 +94,7 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         "validation.parquet",
         "test.parquet",
         "unlabeled.parquet",
+        "class_counts.json",
         "labels.json",
     }
     assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(
@@ -119,7 +120,12 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         }
     assert files_in(d / "plots/pretrain") == {"train.csv", "eval.csv"}
     assert files_in(d / "plots/finetune") == {"train.csv", "eval.csv"}
-    assert files_in(d / "plots/confusion") == {"finetuned.json", "tfidf_logreg.json"}
+    assert files_in(d / "plots/evaluate") == {
+        "confusion_finetuned.json",
+        "confusion_tfidf_logreg.json",
+        "per_class_finetuned.json",
+        "per_class_tfidf_logreg.json",
+    }
     assert files_in(d / "metrics") == {"data.json", "pretrain.json", "finetune.json", "evaluate.json"}
     # No temporary siblings are left behind by the atomic writes.
     assert not [p for p in d.rglob(".*.tmp")]
@@ -138,11 +144,13 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
     for model in ("finetuned", "tfidf_logreg"):
         scores = ev["test"][model]
         assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["macro_f1"] <= 1
-        assert set(scores["per_class"]) == {"business", "sport", "tech", "politics", "entertainment"}
-        assert sum(c["support"] for c in scores["per_class"].values()) == 12
+        assert set(scores) == {"accuracy", "macro_f1"}
+        per_class = json.loads((d / f"plots/evaluate/per_class_{model}.json").read_text())
+        assert {r["label"] for r in per_class} == {"business", "sport", "tech", "politics", "entertainment"}
+        assert sum(r["support"] for r in per_class) == 12
     # The baseline separates these synthetic topics easily: a sanity check of the evaluation itself.
     assert ev["test"]["tfidf_logreg"]["accuracy"] >= 0.8
-    rows = json.loads((d / "plots/confusion/finetuned.json").read_text())
+    rows = json.loads((d / "plots/evaluate/confusion_finetuned.json").read_text())
     assert len(rows) == 12 and set(rows[0]) == {"actual", "predicted"}
     curve = (d / "plots/pretrain/eval.csv").read_text().splitlines()
     assert curve[0] == "step,epoch,loss,perplexity" and [r.split(",")[0] for r in curve[1:]] == ["3", "6"]

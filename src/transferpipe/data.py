@@ -30,7 +30,8 @@ class PreparedData:
     splits: dict[str, pd.DataFrame]  # columns: text (str), label (int id into label_names)
     label_names: list[str]
     unlabeled: list[str]  # extra pretraining text, cleaned and de-duplicated
-    stats: dict
+    stats: dict  # document counts: the DVC metrics of prepare
+    class_counts: dict[str, dict[str, int]]  # split -> label name -> examples
 
 
 def bbc_news_dir() -> Path:
@@ -204,11 +205,11 @@ def prepare(params: PrepareParams) -> PreparedData:
     stats = {
         "documents": {**counts, "kept": len(df), "unlabeled": len(unlabeled)},
         "split": {k: len(v) for k, v in parts.items()},
-        "class_counts": {
-            k: {name: int(n) for name, n in sorted(Counter(v["label"]).items())} for k, v in parts.items()
-        },
     }
-    return PreparedData(splits=splits, label_names=label_names, unlabeled=unlabeled, stats=stats)
+    class_counts = {k: {name: int(n) for name, n in sorted(Counter(v["label"]).items())} for k, v in parts.items()}
+    return PreparedData(
+        splits=splits, label_names=label_names, unlabeled=unlabeled, stats=stats, class_counts=class_counts
+    )
 
 
 def write_prepared(data: PreparedData, out_dir: Path) -> None:
@@ -217,6 +218,7 @@ def write_prepared(data: PreparedData, out_dir: Path) -> None:
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
     pd.DataFrame({"text": data.unlabeled}, dtype=str).to_parquet(out_dir / "unlabeled.parquet", index=False)
     (out_dir / "labels.json").write_text(json.dumps(data.label_names, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "class_counts.json").write_text(json.dumps(data.class_counts, indent=2) + "\n", encoding="utf-8")
 
 
 def read_prepared(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str], list[str]]:

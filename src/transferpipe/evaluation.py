@@ -37,6 +37,11 @@ def confusion_rows(y_true: Sequence[int], y_pred: Sequence[int], label_names: li
     return [{"actual": label_names[t], "predicted": label_names[p]} for t, p in zip(y_true, y_pred, strict=True)]
 
 
+def per_class_rows(scores: dict) -> list[dict]:
+    """classification_metrics()["per_class"] as rows {label, precision, recall, f1, support}: a DVC bar plot."""
+    return [{"label": name, **values} for name, values in scores["per_class"].items()]
+
+
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> np.ndarray:
     return confusion_matrix(y_true, y_pred, labels=list(range(n_labels)))
 
