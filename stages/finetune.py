@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = datasets.load_from_disk(str(args.data))
     label_names = read_json(args.data / "labels.json")
     tokenizer = load_tokenizer(args.pretrained)
-    model = sequence_classifier(args.pretrained, label_names, params.classifier_dropout)
+    model = sequence_classifier(args.pretrained, label_names, params.classifier_dropout, params.classifier_pooling)
     device = pick_device()
     pretrain_run = read_json(args.pretrained / "training_run.json").get("mlflow_run_id")
 

@@ -73,6 +73,7 @@ class PretrainParams:
     max_grad_norm: float = 1.0
     mlm_probability: float = 0.3
     eval_every: int = 100
+    eval_blocks: int = 256  # held-out blocks scored at each evaluation (the first N, fixed masks)
     seed: int = 42
 
 
@@ -85,6 +86,8 @@ class FinetuneParams:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     classifier_dropout: float = 0.1
+    # ModernBERT's pooling for the head: mean over tokens or the [CLS] position (BERT always uses its pooler).
+    classifier_pooling: Literal["mean", "cls"] = "mean"
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the lowest N encoder layers
     early_stopping_patience: int = 3  # epochs without a better validation macro-F1

@@ -16,6 +16,13 @@ from transferpipe.tracking import Run
 from transferpipe.training import FitResult, fit, make_optimizer
 
 
+def held_out(blocks: datasets.DatasetDict, params: PretrainParams) -> datasets.Dataset:
+    validation = blocks["mlm_validation"]
+    if len(validation) == 0:
+        raise UserError("the validation split has no full pretraining block; lower tokenize.block_size")
+    return validation.select(range(min(params.eval_blocks, len(validation))))
+
+
 @torch.no_grad()
 def mlm_eval_batches(
     blocks: datasets.Dataset, collator: DataCollatorForLanguageModeling, batch_size: int, seed: int
@@ -52,7 +59,7 @@ def pretrain(
     device: torch.device,
 ) -> FitResult:
     """MLM on blocks["mlm_train"], scored on blocks["mlm_validation"] every eval_every steps."""
-    train, validation = blocks["mlm_train"], blocks["mlm_validation"]
+    train, validation = blocks["mlm_train"], held_out(blocks, params)
     if len(train) == 0:
         raise UserError("the pretraining corpus has no full block; lower tokenize.block_size or add text")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=params.mlm_probability)
@@ -94,7 +101,7 @@ def evaluate_untrained(
     """The held-out MLM loss of the starting encoder, as a FitResult of zero steps (pretraining skipped)."""
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=params.mlm_probability)
     batches = mlm_eval_batches(
-        blocks["mlm_validation"].with_format("torch"), collator, params.batch_size * 2, params.seed
+        held_out(blocks, params).with_format("torch"), collator, params.batch_size * 2, params.seed
     )
     model.to(device).eval()
     row = {"step": 0, "epoch": 0, **mlm_loss(model, batches, device)}
