@@ -67,7 +67,9 @@ def masked_lm(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PreTra
     return model
 
 
-def sequence_classifier(encoder_dir: str | Path, label_names: list[str], classifier_dropout: float) -> PreTrainedModel:
+def sequence_classifier(
+    encoder_dir: str | Path, label_names: list[str], classifier_dropout: float, classifier_pooling: str = "mean"
+) -> PreTrainedModel:
     """The pretrained encoder with a new classification head whose config carries the label names."""
     config = AutoConfig.from_pretrained(
         str(encoder_dir),
@@ -76,6 +78,8 @@ def sequence_classifier(encoder_dir: str | Path, label_names: list[str], classif
         label2id={name: i for i, name in enumerate(label_names)},
         classifier_dropout=classifier_dropout,
     )
+    if hasattr(config, "classifier_pooling"):
+        config.classifier_pooling = classifier_pooling
     return AutoModelForSequenceClassification.from_pretrained(str(encoder_dir), config=config)
 
 
