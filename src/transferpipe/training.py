@@ -8,7 +8,6 @@ MLflow through `run`.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -39,11 +38,11 @@ def make_optimizer(groups: list[dict], lr: float, beta2: float, device: torch.de
 @dataclass
 class FitResult:
     steps: int
-    seconds: float
+    seconds: float  # wall time, evaluations included
     train_rows: list[dict] = field(default_factory=list)  # step, loss, learning_rate
     eval_rows: list[dict] = field(default_factory=list)  # step, plus what evaluate() returned
     best: dict[str, float] = field(default_factory=dict)  # the eval row that was kept
-    tokens_per_second: float = 0.0
+    tokens_per_second: float = 0.0  # training steps only, evaluations excluded
     examples_per_second: float = 0.0
     stopped_early: bool = False
 
@@ -78,7 +77,6 @@ def fit(
     device: torch.device,
     monitor: str | None = None,
     patience: int | None = None,
-    on_epoch: Callable[[int], None] | None = None,
     log_every: int = 10,
     desc: str = "train",
 ) -> FitResult:
@@ -96,18 +94,14 @@ def fit(
     result = FitResult(steps=0, seconds=0.0)
     best_score, best_state, bad_evals = -math.inf, None, 0
     tokens = examples = 0
+    eval_seconds = 0.0  # excluded from throughput
     running, running_n = 0.0, 0
-    current_epoch = -1
     model.to(device).train()
     start = time.perf_counter()
     progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     batches = _batches(loader)
     for step in range(1, total_steps + 1):
         epoch, batch = next(batches)
-        if epoch != current_epoch:
-            current_epoch = epoch
-            if on_epoch is not None:
-                on_epoch(epoch)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
@@ -130,10 +124,12 @@ def fit(
             running, running_n = 0.0, 0
 
         if step % eval_every == 0 or step == total_steps:
+            eval_start = time.perf_counter()
             model.eval()
             metrics = evaluate()
             model.train()
-            elapsed = time.perf_counter() - start
+            eval_seconds += time.perf_counter() - eval_start
+            elapsed = time.perf_counter() - start - eval_seconds
             throughput = {"tokens_per_second": tokens / elapsed, "examples_per_second": examples / elapsed}
             row = {"step": step, "epoch": epoch, **metrics}
             result.eval_rows.append(row)
@@ -146,7 +142,7 @@ def fit(
                 result.best = row
             elif metrics[monitor] > best_score:
                 best_score, bad_evals, result.best = metrics[monitor], 0, row
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 bad_evals += 1
                 if patience is not None and bad_evals >= patience:
@@ -156,8 +152,8 @@ def fit(
     progress.close()
     result.steps = step
     result.seconds = time.perf_counter() - start
-    result.tokens_per_second = tokens / result.seconds
-    result.examples_per_second = examples / result.seconds
+    result.tokens_per_second = tokens / (result.seconds - eval_seconds)
+    result.examples_per_second = examples / (result.seconds - eval_seconds)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

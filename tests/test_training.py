@@ -1,0 +1,93 @@
+"""The shared training loop: schedule, logging rows, early stopping and restoring the best weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transferpipe.tracking import Run
+from transferpipe.training import fit, make_optimizer, seed_everything
+
+
+class Regressor(nn.Module):
+    """The smallest model with a transformers-style output: forward(**batch).loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
+        loss = nn.functional.mse_loss(self.linear(input_ids.float()).squeeze(-1), labels)
+        return type("Output", (), {"loss": loss})()
+
+
+def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
+    x = torch.randn(n, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    rows = [{"input_ids": x[i], "labels": y[i]} for i in range(n)]
+    return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def run_fit(model: nn.Module, scores: list[float], **kwargs: object) -> tuple[object, list[dict]]:
+    """fit() with an evaluate() that returns the given scores in turn and snapshots the weights it saw."""
+    seen: list[dict] = []
+
+    def evaluate() -> dict[str, float]:
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"loss": 0.0, "score": scores[len(seen) - 1]}
+
+    optimizer = make_optimizer([{"params": list(model.parameters())}], 0.05, 0.98, torch.device("cpu"))
+    defaults = dict(total_steps=len(scores) * 4, warmup_ratio=0.25, max_grad_norm=1.0, eval_every=4)
+    result = fit(
+        model,
+        loader(),
+        optimizer=optimizer,
+        evaluate=evaluate,
+        run=Run(None),
+        device=torch.device("cpu"),
+        log_every=1,
+        **{**defaults, **kwargs},
+    )
+    return result, seen
+
+
+def test_loss_falls_and_learning_rate_warms_up_then_decays() -> None:
+    seed_everything(0)
+    result, _ = run_fit(Regressor(), [0.0] * 10)
+    losses = [r["loss"] for r in result.train_rows]
+    assert sum(losses[-4:]) < sum(losses[:4]) / 2  # batches are tiny and noisy: compare averages
+    lrs = [r["learning_rate"] for r in result.train_rows]
+    peak = lrs.index(max(lrs))
+    assert peak == 9  # ceil(0.25 * 40) warmup steps, the last row at the peak is step 10
+    assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    assert lrs[-1] == pytest.approx(0.0)
+    assert [r["step"] for r in result.eval_rows] == [4 * i for i in range(1, 11)]
+    assert result.steps == 40 and result.tokens_per_second > 0
+
+
+def test_early_stopping_restores_the_best_weights() -> None:
+    seed_everything(0)
+    model = Regressor()
+    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], monitor="score", patience=3)
+    assert result.stopped_early and result.steps == 20  # evaluations 3, 4, 5 brought nothing better than 0.5
+    assert result.best["score"] == 0.5 and result.best["step"] == 8
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, seen[1][key]), key
+
+
+def test_without_monitor_the_last_evaluation_is_kept() -> None:
+    result, seen = run_fit(Regressor(), [0.3, 0.2])
+    assert result.best["step"] == 8 and not result.stopped_early
+
+
+def test_curves_are_written_as_csv(tmp_path: Path) -> None:
+    result, _ = run_fit(Regressor(), [0.1, 0.2])
+    result.write_curves(tmp_path / "curves")
+    train = (tmp_path / "curves" / "train.csv").read_text().splitlines()
+    assert train[0] == "step,loss,learning_rate" and len(train) == 9
+    evals = (tmp_path / "curves" / "eval.csv").read_text().splitlines()
+    assert evals[0] == "step,epoch,loss,score" and evals[1].startswith("4,0,") and evals[2].startswith("8,1,")
