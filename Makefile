@@ -4,8 +4,9 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+BASE ?= main
 
-.PHONY: install repro test test-fast lint format bench plots clean
+.PHONY: install repro test test-fast lint format bench plots clean report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
@@ -30,6 +31,10 @@ format:
 
 plots:
 	$(PYTHON) -m dvc plots show --open
+
+# The pull-request report, locally: params, metrics, run ids and figures against BASE (make report BASE=origin/main).
+report:
+	$(PYTHON) -m transferpipe.cli report --base $(BASE) --out report.md --images-dir report_images
 
 clean:
 	rm -rf .scratch build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs) and `compare`
+(MLflow finetune runs side by side). Mistakes print one line, `error: ...`, and exit 2.
+
+    transferpipe report --base main --out report.md --images-dir report_images
+    transferpipe compare --csv runs.csv --markdown runs.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transferpipe.errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transferpipe", description="Report on and compare transferpipe runs (DVC metrics, MLflow runs)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    report = sub.add_parser("report", help="Markdown report of the working tree against a base git revision")
+    report.add_argument("--base", required=True, help="git revision to compare against (main, origin/main, a sha)")
+    report.add_argument("--out", type=Path, default=Path("report.md"), help="report file (default: report.md)")
+    report.add_argument(
+        "--images-dir",
+        type=Path,
+        default=Path("report_images"),
+        help="folder for the PNG figures; a relative path is taken next to the report (default: report_images)",
+    )
+
+    compare = sub.add_parser("compare", help="MLflow finetune runs side by side: differing params, key metrics")
+    compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment_name of --params)")
+    compare.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    compare.add_argument("--csv", type=Path, help="also write the table as CSV (every param that differs, run ids)")
+    compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+    return parser
+
+
+def _report(args: argparse.Namespace) -> None:
+    from transferpipe.report import build_report, repo_root_of
+
+    root = repo_root_of(Path.cwd())
+    images_dir = args.images_dir if args.images_dir.is_absolute() else args.out.parent / args.images_dir
+    out = build_report(root, args.base, args.out, images_dir)
+    print(f"wrote {out} and figures in {images_dir}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from transferpipe.compare import compare
+    from transferpipe.params import TrackingParams, load_section
+
+    experiment = args.experiment or load_section(args.params, "tracking", TrackingParams).experiment_name
+    print(compare(experiment, csv=args.csv, markdown=args.markdown))
+
+
+def _main(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    handlers = {"report": _report, "compare": _compare}
+    handlers[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

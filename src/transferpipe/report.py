@@ -1,0 +1,389 @@
+"""A Markdown report of the working tree against a base git revision, for a pull request or a local check.
+
+It compares what is committed (params.yaml, the DVC metrics files under metrics/, the DVC plots files under
+plots/) at the base revision, read with `git show`, with the same files in the working tree, so it works in
+any clone where the base revision is fetched, with no DVC cache. The MLflow run ids behind the numbers live
+in DVC outputs (models/*/training_run.json): the working tree's are read from disk, the base's through
+`dvc.api.read` when the base's outputs are in the local cache.
+
+Figures are PNGs (matplotlib, Agg) with the base on the left and the working tree on the right, written to an
+images folder next to the report and linked by relative path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferpipe.errors import UserError
+from transferpipe.io import write_text_atomic
+
+PARAMS_FILE = "params.yaml"
+METRICS_DIR = "metrics"
+EVALUATE_PLOTS_DIR = "plots/evaluate"
+RUN_FILES = {"pretrain": "models/pretrained/training_run.json", "finetune": "models/finetuned/training_run.json"}
+MISSING = "—"
+
+# (file name, title, [(csv path, column, series label)], y label); missing files or columns are skipped.
+CURVES = [
+    (
+        "pretrain_loss.png",
+        "Pretraining loss (masked LM)",
+        [("plots/pretrain/train.csv", "loss", "train"), ("plots/pretrain/eval.csv", "loss", "held-out")],
+        "loss",
+    ),
+    (
+        "finetune_loss.png",
+        "Fine-tuning loss",
+        [("plots/finetune/train.csv", "loss", "train"), ("plots/finetune/eval.csv", "loss", "validation")],
+        "loss",
+    ),
+    (
+        "finetune_macro_f1.png",
+        "Fine-tuning validation macro-F1",
+        [("plots/finetune/eval.csv", "macro_f1", "validation")],
+        "macro-F1",
+    ),
+]
+
+Reader = Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the comparison: a label for headings and a reader of repository files (None: absent)."""
+
+    label: str
+    read: Reader
+    list_dir: Callable[[str], list[str]]
+
+
+def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
+    """Write the report to `out` and its figures to `images_dir`; return the report's path."""
+    root = Path(root)
+    base_sha = resolve_revision(root, base)
+    head_sha = _git(root, "rev-parse", "--short", "HEAD").strip()
+    dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").strip())
+    old = Side(
+        f"base {base} ({base_sha[:7]})", lambda p: _git_show(root, base_sha, p), lambda d: _git_ls(root, base_sha, d)
+    )
+    new = Side(
+        f"working tree ({head_sha}{', uncommitted changes' if dirty else ''})",
+        lambda p: _read_file(root, p),
+        lambda d: _list_files(root, d),
+    )
+    out = Path(out)
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    link_prefix = Path(os.path.relpath(images_dir.resolve(), out.resolve().parent)).as_posix()
+
+    lines = [f"# transferpipe report: {new.label} vs {old.label}", ""]
+    lines += _params_section(old, new)
+    lines += _metrics_section(old, new)
+    lines += _runs_section(root, base_sha, new)
+    lines += _figures_section(old, new, images_dir, link_prefix)
+    write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
+    return out
+
+
+def repo_root_of(path: Path) -> Path:
+    """The top folder of the git clone that holds `path`."""
+    try:
+        return Path(_git(Path(path), "rev-parse", "--show-toplevel").strip())
+    except UserError:
+        raise UserError(f"{path} is not inside a git repository; run transferpipe report in a clone") from None
+
+
+def resolve_revision(root: Path, rev: str) -> str:
+    """The full commit id of `rev`, or a UserError naming the fix."""
+    try:
+        return _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    except UserError:
+        raise UserError(
+            f"base revision {rev!r} not found in this clone; fetch it (git fetch origin main) or pass another --base"
+        ) from None
+
+
+# --- params ------------------------------------------------------------------------------------------------
+
+
+def _params_section(old: Side, new: Side) -> list[str]:
+    before, after = flatten(_load_yaml(old.read(PARAMS_FILE))), flatten(_load_yaml(new.read(PARAMS_FILE)))
+    changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k, MISSING) != after.get(k, MISSING)]
+    lines = ["## Params", ""]
+    if not changed:
+        return [*lines, f"No params changed in {PARAMS_FILE}.", ""]
+    lines += ["| param | base | new |", "|---|---|---|"]
+    for key in changed:
+        lines.append(f"| `{key}` | {_param_value(before, key)} | {_param_value(after, key)} |")
+    return [*lines, ""]
+
+
+def _param_value(values: dict[str, Any], key: str) -> str:
+    if key not in values:
+        return MISSING
+    value = values[key]
+    return f"`{'null' if value is None else json.dumps(value) if isinstance(value, list | bool) else value}`"
+
+
+def _load_yaml(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{PARAMS_FILE} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"test": {"finetuned": {"macro_f1": x}}} -> {"test.finetuned.macro_f1": x}."""
+    if not isinstance(data, dict):
+        return {prefix: data} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def _metrics_section(old: Side, new: Side) -> list[str]:
+    files = sorted(
+        {p for p in old.list_dir(METRICS_DIR) + new.list_dir(METRICS_DIR) if p.endswith(".json")},
+    )
+    lines = ["## Metrics", ""]
+    if not files:
+        return [*lines, f"No metrics files under {METRICS_DIR}/ on either side.", ""]
+    lines += ["| file | metric | base | new | delta |", "|---|---|---:|---:|---:|"]
+    for path in files:
+        before, after = flatten(_load_json(old.read(path), path)), flatten(_load_json(new.read(path), path))
+        for key in sorted(before.keys() | after.keys()):
+            b, a = before.get(key), after.get(key)
+            lines.append(f"| {path} | `{key}` | {_number(b)} | {_number(a)} | {_delta(b, a)} |")
+    return [*lines, ""]
+
+
+def _load_json(text: str | None, path: str) -> Any:
+    if text is None:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _delta(before: Any, after: Any) -> str:
+    if not (_is_number(before) and _is_number(after)):
+        return MISSING
+    delta = after - before
+    if isinstance(delta, float) and not math.isfinite(delta):
+        return MISSING
+    # 6 significant digits hide float noise such as 0.85 - 0.8 = 0.04999999999999993.
+    return "0" if delta == 0 else f"{delta:+.6g}"
+
+
+# --- MLflow run ids ----------------------------------------------------------------------------------------
+
+
+def _runs_section(root: Path, base_sha: str, new: Side) -> list[str]:
+    lines = ["## MLflow runs", "", "| stage | base run id | new run id |", "|---|---|---|"]
+    missing = []
+    for stage, path in RUN_FILES.items():
+        before = _base_run_id(root, base_sha, path)
+        if before is None:
+            missing.append(path)
+        after = _run_id(new.read(path))
+        lines.append(f"| {stage} | {_code(before)} | {_code(after)} |")
+    lines.append("")
+    if missing:
+        lines += [
+            f"The base revision's DVC outputs ({', '.join(missing)}) are not in the DVC cache, so its MLflow run "
+            "ids are unknown; params and committed metrics above are still compared.",
+            "",
+        ]
+    return lines
+
+
+def _base_run_id(root: Path, rev: str, path: str) -> str | None:
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return _run_id(dvc.api.read(path, repo=str(root), rev=rev))
+    except (DvcException, OSError, ValueError):
+        # Not tracked at that revision, not in the cache, no remote to fetch from: all mean "unknown".
+        return None
+
+
+def _run_id(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    run_id = data.get("mlflow_run_id") if isinstance(data, dict) else None
+    return str(run_id) if run_id else None
+
+
+def _code(value: str | None) -> str:
+    return f"`{value}`" if value else MISSING
+
+
+# --- figures -----------------------------------------------------------------------------------------------
+
+
+def _figures_section(old: Side, new: Side, images_dir: Path, link_prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a CI runner
+    lines = ["## Training curves", "", f"Left: {old.label}. Right: {new.label}.", ""]
+    for name, title, series, ylabel in CURVES:
+        _curve_figure(images_dir / name, title, series, ylabel, old, new)
+        lines += [f"![{title}]({link_prefix}/{name})", ""]
+    lines += ["## Confusion matrices (test set)", "", f"Left: {old.label}. Right: {new.label}.", ""]
+    models = sorted(
+        {
+            Path(p).stem.removeprefix("confusion_")
+            for p in old.list_dir(EVALUATE_PLOTS_DIR) + new.list_dir(EVALUATE_PLOTS_DIR)
+            if Path(p).name.startswith("confusion_") and p.endswith(".json")
+        }
+    )
+    if not models:
+        lines += [f"No confusion matrices under {EVALUATE_PLOTS_DIR}/ on either side.", ""]
+    for model in models:
+        name = f"confusion_{model}.png"
+        _confusion_figure(images_dir / name, model, f"{EVALUATE_PLOTS_DIR}/confusion_{model}.json", old, new)
+        lines += [f"![Confusion matrix, {model}]({link_prefix}/{name})", ""]
+    return lines
+
+
+def _read_csv(side: Side, path: str) -> Any:
+    import pandas as pd
+
+    text = side.read(path)
+    if text is None or not text.strip():
+        return None
+    return pd.read_csv(io.StringIO(text))
+
+
+def _curve_figure(path: Path, title: str, series: list[tuple[str, str, str]], ylabel: str, *sides: Side) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, squeeze=False)
+    for ax, side in zip(axes[0], sides, strict=True):
+        plotted = False
+        for csv_path, column, label in series:
+            frame = _read_csv(side, csv_path)
+            if frame is None or column not in frame or "step" not in frame:
+                continue
+            marker = "o" if len(frame) <= 30 else None
+            ax.plot(frame["step"], frame[column], marker=marker, markersize=3, label=label)
+            plotted = True
+        ax.set_title(side.label, fontsize=9)
+        ax.set_xlabel("step")
+        if plotted:
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _confusion_figure(path: Path, model: str, json_path: str, *sides: Side) -> None:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frames = []
+    for side in sides:
+        text = side.read(json_path)
+        rows = _load_json(text, json_path) if text is not None else []
+        frames.append(pd.DataFrame(rows, columns=["actual", "predicted"]) if rows else None)
+    # One label order for both panels, so cells line up across base and new.
+    labels = sorted({str(v) for f in frames if f is not None for v in pd.concat([f["actual"], f["predicted"]])})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), squeeze=False)
+    for ax, side, frame in zip(axes[0], sides, frames, strict=True):
+        ax.set_title(side.label, fontsize=9)
+        if frame is None:
+            ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        counts = pd.crosstab(frame["actual"].astype(str), frame["predicted"].astype(str))
+        counts = counts.reindex(index=labels, columns=labels, fill_value=0)  # (actual, predicted)
+        ax.imshow(counts.to_numpy(), cmap="Blues")
+        peak = counts.to_numpy().max() or 1
+        for i, _ in enumerate(labels):
+            for j, _ in enumerate(labels):
+                value = int(counts.iat[i, j])
+                color = "white" if value > peak / 2 else "black"
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color=color)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+    fig.suptitle(f"Test confusion matrix, {model}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- git and file access -----------------------------------------------------------------------------------
+
+
+def _git(root: Path, *args: str) -> str:
+    try:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"git {args[0]} failed ({exc}); is git installed?") from None
+    if proc.returncode != 0:
+        message = (proc.stderr.strip().splitlines() or ["no output"])[0]
+        raise UserError(f"git {' '.join(args)} failed: {message}")
+    return proc.stdout
+
+
+def _git_show(root: Path, rev: str, path: str) -> str | None:
+    try:
+        return _git(root, "show", f"{rev}:{path}")
+    except UserError:
+        return None  # the file does not exist at that revision
+
+
+def _git_ls(root: Path, rev: str, folder: str) -> list[str]:
+    return [p for p in _git(root, "ls-tree", "-r", "--name-only", rev, "--", folder).splitlines() if p]
+
+
+def _read_file(root: Path, path: str) -> str | None:
+    file = root / path
+    return file.read_text(encoding="utf-8") if file.is_file() else None
+
+
+def _list_files(root: Path, folder: str) -> list[str]:
+    base = root / folder
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())

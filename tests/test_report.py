@@ -1,0 +1,146 @@
+"""`transferpipe report` on a throwaway git + DVC repository with two commits that differ in a param and in
+metrics (files written by hand, no training), run as a real subprocess with the real git and dvc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NEW_PRETRAIN_RUN = "a" * 32
+NEW_FINETUNE_RUN = "b" * 32
+EDITED_PRETRAIN_RUN = "c" * 32
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def write_state(root: Path, epochs: int, macro_f1: float, steps: int, extra_metric: bool) -> None:
+    """params.yaml, metrics/*.json and plots/* as the pipeline would commit them."""
+    params = {"finetune": {"epochs": epochs, "seed": 42}, "tracking": {"enabled": True, "experiment_name": "t"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "metrics").mkdir(exist_ok=True)
+    test = {"finetuned": {"accuracy": 0.82, "macro_f1": macro_f1}}
+    if extra_metric:
+        test["tfidf_logreg"] = {"macro_f1": 0.9}
+    (root / "metrics/evaluate.json").write_text(json.dumps({"test": test}))
+    (root / "metrics/finetune.json").write_text(json.dumps({"train": {"steps": steps}}))
+    for stage in ("pretrain", "finetune"):
+        (root / "plots" / stage).mkdir(parents=True, exist_ok=True)
+        (root / f"plots/{stage}/train.csv").write_text(
+            "step,loss,learning_rate\n" + "".join(f"{s},{2.0 / s},0.001\n" for s in range(1, steps, 10))
+        )
+    (root / "plots/pretrain/eval.csv").write_text("step,epoch,loss,perplexity\n5,0,1.5,4.48\n")
+    (root / "plots/finetune/eval.csv").write_text(
+        f"step,epoch,loss,accuracy,macro_f1\n10,0,0.9,0.7,0.65\n20,1,0.6,0.82,{macro_f1}\n"
+    )
+    (root / "plots/evaluate").mkdir(parents=True, exist_ok=True)
+    rows = [{"actual": a, "predicted": p} for a, p in [("sport", "sport"), ("tech", "sport"), ("tech", "tech")]]
+    (root / "plots/evaluate/confusion_finetuned.json").write_text(json.dumps(rows))
+
+
+def write_run_ids(root: Path, pretrain: str, finetune: str) -> None:
+    for folder, run_id in (("pretrained", pretrain), ("finetuned", finetune)):
+        (root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "models" / folder / "training_run.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Commit 1 (base): epochs 6, macro-F1 0.8, 100 steps, models never cached. Commit 2 (HEAD, also the
+    working tree): epochs 3, macro-F1 0.85, 50 steps, one more metric, models added to DVC."""
+    root = tmp_path_factory.mktemp("report-repo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
+    env |= {"PYTHONPATH": str(REPO / "src"), "DVC_NO_ANALYTICS": "1"}
+    sh(["git", "init", "-q", "-b", "main"], root, env)
+    sh(["git", "config", "user.email", "test@example.com"], root, env)
+    sh(["git", "config", "user.name", "test"], root, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    write_state(root, epochs=6, macro_f1=0.8, steps=100, extra_metric=False)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "base"], root, env)
+
+    write_state(root, epochs=3, macro_f1=0.85, steps=50, extra_metric=True)
+    write_run_ids(root, NEW_PRETRAIN_RUN, NEW_FINETUNE_RUN)
+    sh([sys.executable, "-m", "dvc", "add", "-q", "models/pretrained", "models/finetuned"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "fewer epochs"], root, env)
+    return root, env
+
+
+def report(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "transferpipe.cli", "report", *args], root, env, check=False)
+
+
+def test_report_against_the_previous_commit(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    proc = report(root, env, "--base", "HEAD~1", "--out", "out/report.md")
+    assert proc.returncode == 0, proc.stderr
+    text = (root / "out/report.md").read_text()
+
+    # The changed param, and nothing for the unchanged one.
+    assert "| `finetune.epochs` | `6` | `3` |" in text
+    assert "finetune.seed" not in text
+    # Every metric with base, new and delta; a metric only on one side has no delta.
+    assert "| metrics/evaluate.json | `test.finetuned.macro_f1` | 0.8 | 0.85 | +0.05 |" in text
+    assert "| metrics/evaluate.json | `test.finetuned.accuracy` | 0.82 | 0.82 | 0 |" in text
+    assert "| metrics/evaluate.json | `test.tfidf_logreg.macro_f1` | — | 0.9 | — |" in text
+    assert "| metrics/finetune.json | `train.steps` | 100 | 50 | -50 |" in text
+    # Run ids: the working tree's from disk; the base has no DVC outputs, which the report says once.
+    assert f"| finetune | — | `{NEW_FINETUNE_RUN}` |" in text
+    assert f"| pretrain | — | `{NEW_PRETRAIN_RUN}` |" in text
+    assert text.count("are not in the DVC cache, so its MLflow run ids are unknown") == 1
+
+    # Figures: next to the report, linked by relative path, real PNGs with two panels' worth of width.
+    links = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    expected = {"pretrain_loss", "finetune_loss", "finetune_macro_f1", "confusion_finetuned"}
+    assert {Path(link).stem for link in links} == expected
+    for link in links:
+        assert link.startswith("report_images/")
+        png = root / "out" / link
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert width > 2 * height * 0.9
+
+
+def test_base_run_ids_come_from_the_dvc_cache(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    # Against HEAD the base's outputs are in the cache: its run ids come through dvc.api.read, the working
+    # tree's (edited here, uncommitted) from disk.
+    write_run_ids(root, EDITED_PRETRAIN_RUN, NEW_FINETUNE_RUN)
+    try:
+        proc = report(root, env, "--base", "HEAD", "--out", "same.md", "--images-dir", "same_images")
+    finally:
+        write_run_ids(root, NEW_PRETRAIN_RUN, NEW_FINETUNE_RUN)
+    assert proc.returncode == 0, proc.stderr
+    text = (root / "same.md").read_text()
+    assert "No params changed in params.yaml." in text
+    assert f"| pretrain | `{NEW_PRETRAIN_RUN}` | `{EDITED_PRETRAIN_RUN}` |" in text
+    assert f"| finetune | `{NEW_FINETUNE_RUN}` | `{NEW_FINETUNE_RUN}` |" in text
+    assert "not in the DVC cache" not in text
+    assert "](same_images/confusion_finetuned.png)" in text
+    assert (root / "same_images/confusion_finetuned.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_unknown_base_is_one_line_and_exit_2(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    proc = report(root, env, "--base", "no-such-branch", "--out", "bad.md")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: base revision 'no-such-branch' not found in this clone; "
+        "fetch it (git fetch origin main) or pass another --base"
+    ]
+    assert not (root / "bad.md").exists()
