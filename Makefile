@@ -29,6 +29,12 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
+# Speed against reference paths, printed side by side (not timed tests). noop_repro needs an up-to-date pipeline.
+bench:
+	$(PYTHON) -m bench.tokenize_throughput
+	$(PYTHON) -m bench.pretrain_throughput
+	$(PYTHON) -m bench.noop_repro
+
 plots:
 	$(PYTHON) -m dvc plots show --open
 

@@ -1,0 +1,56 @@
+"""Shared setup of the benchmarks: the default data and a tokenizer trained on it, as the pipeline makes them."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from transferpipe.data import prepare
+from transferpipe.params import ModelParams, PrepareParams, PretrainParams, TokenizeParams, load_section
+from transferpipe.tokenization import train_wordpiece
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(params: Path = REPO / "params.yaml") -> dict:
+    return {
+        "prepare": load_section(params, "prepare", PrepareParams),
+        "tokenize": load_section(params, "tokenize", TokenizeParams),
+        "model": load_section(params, "model", ModelParams),
+        "pretrain": load_section(params, "pretrain", PretrainParams),
+    }
+
+
+def default_data(params: dict) -> tuple[dict, list[str]]:
+    data = prepare(params["prepare"])
+    tok = params["tokenize"]
+    tokenizer = train_wordpiece(data.splits["train"]["text"].tolist(), tok.vocab_size, tok.min_frequency, tok.lowercase)
+    return data.splits, tokenizer
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.node()} ({device}), torch {torch.__version__}"
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Best wall time of `repeat` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def report(title: str, unit: str, ours: float, reference: float, target: float | None = None) -> None:
+    ratio = ours / reference
+    goal = f" (target {target:g}x: {'met' if ratio >= target else 'NOT met'})" if target else ""
+    print(title)
+    print(f"  ours       {ours:12,.1f} {unit}")
+    print(f"  reference  {reference:12,.1f} {unit}")
+    print(f"  ratio      {ratio:12.2f}x{goal}")
