@@ -1,7 +1,8 @@
 """evaluate: test-set metrics of the fine-tuned model beside a TF-IDF + logistic-regression baseline.
 
 Both are trained on the same training labels and scored with scikit-learn on the same test split. The
-test metrics are also added to the finetune stage's MLflow run.
+test metrics are also added to the finetune stage's MLflow run, and the registered model's alias `champion`
+moves to the fine-tuned model's version when its test macro-F1 beats the current champion's.
 
 Inputs:  --data prepared splits (raw text, for the baseline), --tokenized test split, --model folder
 Outputs: --metrics JSON (DVC metrics: accuracy, macro-F1), --plots folder (DVC plots, per model:
@@ -27,7 +28,7 @@ from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import pick_device
 from transferpipe.params import EvaluateParams, TrackingParams, load_section
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import log_to_existing_run
+from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     params = load_section(args.params, "evaluate", EvaluateParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
+    check_tracking(tracking)
     splits, label_names, _ = read_prepared(args.data)
     test = datasets.load_from_disk(str(args.tokenized))["test"]
     y_true = test["labels"]
@@ -66,14 +68,17 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(tmp / f"per_class_{name}.json", per_class_rows(scores[name]))
 
     # In MLflow the fine-tuned model's scores are test/<metric>, the baseline's test/<baseline>_<metric>.
-    run_id = read_json(args.model / "training_run.json").get("mlflow_run_id")
+    training_run = read_json(args.model / "training_run.json")
     mirrored = {
         f"test/{key}" if name == "finetuned" else f"test/{name}_{key}": value
         for name, values in metrics["test"].items()
         for key, value in values.items()
     }
-    log_to_existing_run(run_id, mirrored, tracking)
+    log_to_existing_run(training_run.get("mlflow_run_id"), mirrored, tracking)
     print(f"evaluate: {mirrored}")
+    verdict = promote_champion(training_run.get("model_version"), mirrored["test/macro_f1"], tracking)
+    if verdict:
+        print(verdict)
     return metrics
 
 

@@ -5,7 +5,8 @@ validation every epoch with early stopping on macro-F1, the best epoch's weights
 carries its label names: transformers.pipeline("text-classification", model=<out>) returns them.
 
 Inputs:  --data tokenized datasets (train, validation, labels.json), --pretrained encoder folder
-Outputs: --out save_pretrained folder (+ training_run.json), --metrics JSON, --plots folder
+Outputs: --out save_pretrained folder (+ training_run.json: MLflow run id and registered model version),
+         --metrics JSON, --plots folder
 Params:  finetune, tracking
 Run:     python -m stages.finetune --params params.yaml --data data/tokenized --pretrained models/pretrained \
              --out models/finetuned --metrics metrics/finetune.json --plots plots/finetune
@@ -24,7 +25,7 @@ from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, pick_device, sequence_classifier
 from transferpipe.params import FinetuneParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import start_run
+from transferpipe.tracking import check_tracking, start_run
 from transferpipe.training import seed_everything
 
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     params = load_section(args.params, "finetune", FinetuneParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
+    check_tracking(tracking)
     seed_everything(params.seed)
     splits = datasets.load_from_disk(str(args.data))
     label_names = read_json(args.data / "labels.json")
@@ -68,15 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "examples_per_second": round(result.examples_per_second, 1),
             },
         }
+        run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
+        examples = tokenizer.batch_decode(splits["validation"][:2]["input_ids"], skip_special_tokens=True)
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id})
+            # Logged and registered before the folder is in place: its training_run.json names the version.
+            version = run.log_text_classifier(tmp, examples, tracking.registered_model_name)
+            write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
-        run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
-        examples = tokenizer.batch_decode(splits["validation"][:2]["input_ids"], skip_special_tokens=True)
-        run.log_text_classifier(args.out, examples)
     print(f"finetune: {metrics}")
     return metrics
 

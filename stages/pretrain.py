@@ -24,7 +24,7 @@ from transferpipe.modeling import count_parameters, masked_lm, pick_device
 from transferpipe.params import ModelParams, PretrainParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.pretraining import evaluate_untrained, pretrain
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import start_run
+from transferpipe.tracking import check_tracking, start_run
 from transferpipe.training import seed_everything
 
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_params = load_section(args.params, "model", ModelParams)
     params = load_section(args.params, "pretrain", PretrainParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
+    check_tracking(tracking)
     seed_everything(params.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     blocks = datasets.load_from_disk(str(args.data))

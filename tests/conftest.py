@@ -82,3 +82,37 @@ def copy_repo(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+def clean_env(root: Path) -> dict[str, str]:
+    """The environment for real `dvc` / `git` processes in a repository copy: its own code, offline, no
+    MLflow or DVC variables leaking in from the test run."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def committed_tiny_repo(root: Path) -> dict[str, str]:
+    """A copy of the pipeline with the tiny profile in root, git- and dvc-initialized and committed (not
+    reproduced); returns the environment to run dvc in it with."""
+    import subprocess
+    import sys
+
+    copy_repo(root)
+    shutil.copy2(TINY_PARAMS, root / "params.yaml")
+    (root / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    env = clean_env(root)
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "pipeline"],
+    ):
+        subprocess.run(args, cwd=root, env=env, check=True, capture_output=True, timeout=120)
+    return env

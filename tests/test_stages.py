@@ -173,7 +173,8 @@ def test_mlflow_holds_both_runs_linked_with_histories_and_a_pyfunc_model(pipelin
     pre, fine = runs["pretrain"], runs["finetune"]
     assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
     assert json.loads((pipeline_dir / "models/finetuned/training_run.json").read_text()) == {
-        "mlflow_run_id": fine.info.run_id
+        "mlflow_run_id": fine.info.run_id,
+        "model_version": "1",
     }
     assert pre.data.params["pretrain.max_steps"] == "6"
     assert fine.data.params["finetune.head_learning_rate"] == "0.001"

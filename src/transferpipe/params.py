@@ -106,6 +106,9 @@ class EvaluateParams:
 class TrackingParams:
     enabled: bool = True
     experiment_name: str = "transferpipe"
+    # finetune registers its model under this name (alias `candidate`), evaluate moves alias `champion` to it
+    # when its test macro-F1 beats the champion's. None: no model registry.
+    registered_model_name: str | None = "transferpipe-classifier"
 
 
 SECTIONS: dict[str, type] = {

@@ -3,6 +3,13 @@
 Metrics files are the record DVC reads; MLflow mirrors them. The default store is an SQLite database at
 the repository root, resolved absolutely so that stages of queued and temporary DVC experiments (which run
 in copies under .dvc/tmp/exps) write to the same store as the workspace. MLFLOW_TRACKING_URI overrides it.
+
+Concurrent writers (`dvc queue start -j 2`) share that SQLite file. MLflow waits up to 20 s for a lock on
+each session (PRAGMA busy_timeout), which covers ordinary contention; two processes creating a fresh store
+at once, however, corrupt its schema migration for good, so store creation is serialized with a file lock,
+and a write that still meets "database is locked" is retried with backoff before giving up with a message.
+
+The model registry: finetune registers its model (alias `candidate`), evaluate moves alias `champion`.
 """
 
 from __future__ import annotations
@@ -12,15 +19,25 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+CANDIDATE, CHAMPION = "candidate", "champion"
+CHAMPION_METRIC = "test/macro_f1"
+HEALTH_TIMEOUT_S = 3.0
+# Seconds between retries of a write that found the SQLite store locked (after MLflow's own 20 s wait).
+LOCKED_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+T = TypeVar("T")
 
 
 def repo_root() -> Path:
@@ -55,30 +72,36 @@ class Run:
         if self.run_id:
             import mlflow
 
-            mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+            _retry_locked(lambda: mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            _retry_locked(lambda: mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.set_tags(tags)
+            _retry_locked(lambda: mlflow.set_tags(tags))
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+            _retry_locked(lambda: mlflow.log_artifacts(str(folder), artifact_path=artifact_path))
 
-    def log_text_classifier(self, model_dir: Path, example_texts: list[str]) -> None:
-        """The fine-tuned model as an MLflow transformers model: pyfunc predict(texts) gives label names."""
+    def log_text_classifier(
+        self, model_dir: Path, example_texts: list[str], registered_model_name: str | None = None
+    ) -> str | None:
+        """The fine-tuned model as an MLflow transformers model: pyfunc predict(texts) gives label names.
+
+        With a registered_model_name it becomes a new version of that registered model, with alias
+        `candidate` pointing at it; returns the version (a string, as in `models:/<name>/<version>`).
+        """
         if not self.run_id:
-            return
+            return None
         import mlflow
         import tokenizers
         import torch
@@ -87,18 +110,109 @@ class Run:
         # An absolute path is no valid hub repo id, so MLflow's model-card lookup fails at once, offline.
         local = str(Path(model_dir).resolve())
         pipe = transformers.pipeline("text-classification", model=local, tokenizer=local)
-        mlflow.transformers.log_model(
-            transformers_model=pipe,
-            name="model",
-            task="text-classification",
-            input_example=example_texts[:2],
-            # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"transformers=={transformers.__version__}",
-                f"tokenizers=={tokenizers.__version__}",
-            ],
+        info = _retry_locked(
+            lambda: mlflow.transformers.log_model(
+                transformers_model=pipe,
+                name="model",
+                task="text-classification",
+                input_example=example_texts[:2],
+                # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"transformers=={transformers.__version__}",
+                    f"tokenizers=={tokenizers.__version__}",
+                ],
+            )
         )
+        if not registered_model_name:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        # MLflow 3 keeps the model's files with its logged model (models:/m-...), linked to this run.
+        version = _retry_locked(lambda: mlflow.register_model(info.model_uri, registered_model_name))
+        _retry_locked(
+            lambda: MlflowClient().set_registered_model_alias(registered_model_name, CANDIDATE, version.version)
+        )
+        return str(version.version)
+
+
+def check_tracking(params: TrackingParams) -> None:
+    """Fail in seconds, before any data or model is loaded, when the tracking server cannot be reached."""
+    if params.enabled:
+        _check_reachable(tracking_uri())
+
+
+def _check_reachable(uri: str) -> None:
+    # MLflow's own client retries a dead server with backoff for minutes; its /health answers at once.
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        return  # something answered (perhaps a proxy asking for credentials): MLflow's client takes it from here
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"MLflow tracking server {uri} cannot be reached ({reason}); start the server, "
+            "fix MLFLOW_TRACKING_URI, or set tracking.enabled: false"
+        ) from None
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """An SQLite "database is locked" error, however MLflow or SQLAlchemy wrapped it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "database is locked" in str(seen) or "database table is locked" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_locked(action: Callable[[], T], delays: tuple[float, ...] = LOCKED_RETRY_DELAYS_S) -> T:
+    """Run a store write, retrying while another process holds the SQLite store's write lock."""
+    for delay in (*delays, None):
+        try:
+            return action()
+        except Exception as exc:
+            if not _is_locked(exc):
+                raise
+            if delay is None:
+                import mlflow
+
+                raise UserError(
+                    f"MLflow store {mlflow.get_tracking_uri()} stayed locked by other writers after "
+                    f"{len(delays) + 1} tries; for many concurrent stages run `mlflow server --backend-store-uri "
+                    "sqlite:///mlflow.db` and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
+                ) from None
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside an SQLite store (a no-op for other stores or without fcntl)."""
+    db = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent DVC queue workers to guard against there
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    # In the (ignored) artifacts folder, so the lock file never shows up as an untracked file beside mlflow.db.
+    lock = db.parent / ARTIFACTS_DIR / f".{db.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _configure(uri: str, experiment_name: str) -> None:
@@ -110,13 +224,29 @@ def _configure(uri: str, experiment_name: str) -> None:
     # It warns that a local model has no hub model card or license, which is expected here.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment_name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            # Without this MLflow puts artifacts under ./mlruns of whatever folder the stage runs in.
-            location = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).resolve().as_uri()
-        mlflow.create_experiment(experiment_name, artifact_location=location)
-    mlflow.set_experiment(experiment_name)
+    # The first store access creates and migrates a new SQLite store: two processes doing that at once leave
+    # it broken for good ("table _alembic_tmp_experiments already exists"), so they take turns.
+    with _store_lock(uri):
+        if _retry_locked(lambda: mlflow.get_experiment_by_name(experiment_name)) is None:
+            location = None
+            db = _sqlite_path(uri)
+            if db is not None:
+                # Without this MLflow puts artifacts under ./mlruns of whatever folder the stage runs in.
+                location = (db.parent / ARTIFACTS_DIR).resolve().as_uri()
+            _create_experiment(experiment_name, location)
+        _retry_locked(lambda: mlflow.set_experiment(experiment_name))
+
+
+def _create_experiment(name: str, location: str | None) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _retry_locked(lambda: mlflow.create_experiment(name, artifact_location=location))
+    except MlflowException as exc:
+        # Another writer (through a server, where the file lock does not reach) created it first.
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 @contextlib.contextmanager
@@ -128,8 +258,11 @@ def start_run(stage: str, params: TrackingParams, tags: dict[str, str] | None = 
     import mlflow
 
     uri = tracking_uri()
+    _check_reachable(uri)
     try:
         _configure(uri, params.experiment_name)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any store failure is reported the same way
         raise UserError(
             f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
@@ -148,10 +281,28 @@ def start_run(stage: str, params: TrackingParams, tags: dict[str, str] | None = 
     # instead, so the run below is closed as FAILED rather than left RUNNING.
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
-            yield Run(active.info.run_id)
+        run_id = _retry_locked(lambda: mlflow.start_run(run_name=run_name, tags=all_tags)).info.run_id
+        status = "FAILED"
+        try:
+            yield Run(run_id)
+            status = "FINISHED"
+        finally:
+            _end_run(run_id, status)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        mlflow.end_run(status)  # pops the active run, then writes the status
+    except Exception as exc:
+        if not _is_locked(exc):
+            raise
+        # The run is off MLflow's stack already; write its status directly, retrying while locked.
+        _retry_locked(lambda: MlflowClient().set_terminated(run_id, status))
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -167,5 +318,45 @@ def log_to_existing_run(run_id: str, metrics: dict[str, float], params: Tracking
     _configure(tracking_uri(), params.experiment_name)
     client = MlflowClient()
     for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value))
+        _retry_locked(lambda key=key, value=value: client.log_metric(run_id, key, float(value)))
     return True
+
+
+def promote_champion(version: str | None, macro_f1: float, params: TrackingParams) -> str | None:
+    """Point alias `champion` at `version` if its test macro-F1 beats the champion's; a line saying which.
+
+    The champion's score is the test/macro_f1 metric of the run that logged its version. No champion yet
+    (or one never evaluated): `version` becomes champion. None when there is no registry to update.
+    """
+    name = params.registered_model_name
+    if not params.enabled or not name or not version:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    _configure(uri, params.experiment_name)
+    client = MlflowClient()
+    # Two evaluates sharing an SQLite store read and move the alias in turns.
+    with _store_lock(uri):
+        try:
+            champion = _retry_locked(lambda: client.get_model_version_by_alias(name, CHAMPION))
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            champion = None
+        if champion is not None and str(champion.version) == str(version):
+            return f"evaluate: {name} version {version} is the champion already (test macro-F1 {macro_f1:.4f})"
+        best = None
+        if champion is not None and champion.run_id:
+            best = client.get_run(champion.run_id).data.metrics.get(CHAMPION_METRIC)
+        if best is not None and macro_f1 <= best:
+            return (
+                f"evaluate: {name} champion stays version {champion.version} (test macro-F1 {best:.4f}); "
+                f"candidate version {version} scored {macro_f1:.4f}"
+            )
+        _retry_locked(lambda: client.set_registered_model_alias(name, CHAMPION, version))
+    before = "no champion before" if champion is None else f"was version {champion.version}"
+    if best is not None:
+        before += f" with {best:.4f}"
+    return f"evaluate: {name} champion is now version {version} (test macro-F1 {macro_f1:.4f}; {before})"

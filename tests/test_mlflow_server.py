@@ -1,0 +1,228 @@
+"""The stages against a real `mlflow server` on 127.0.0.1: runs, metric histories, served artifacts, the
+model registry's versions and aliases; and an unreachable server failing a stage in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from stages import evaluate, finetune, prepare, pretrain, tokenize
+from tests.conftest import REPO, make_corpus, tiny_params
+
+MODEL = "transferpipe-test-classifier"
+LABELS = {"business", "sport", "tech", "politics", "entertainment"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real `mlflow server` (SQLite backend, served artifacts); yields its URI and its artifacts folder."""
+    d = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (d / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
+            time.sleep(0.5)
+        yield uri, d / "artifacts"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def stage_args(d: Path, params: Path, stage: str, tag: str = "") -> list[str]:
+    """The flags dvc.yaml passes each stage, with outputs under d (`tag` keeps a second run's apart)."""
+    p = ["--params", str(params)]
+    if stage == "prepare":
+        return [*p, "--out", f"{d}/data/prepared", "--stats", f"{d}/metrics/data.json"]
+    if stage == "tokenize":
+        return [*p, "--data", f"{d}/data/prepared", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/data/tok"]
+    if stage == "pretrain":
+        return [
+            *p,
+            *("--data", f"{d}/data/tok", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/models/pretrained"),
+            *("--metrics", f"{d}/metrics/pretrain.json", "--plots", f"{d}/plots/pretrain"),
+        ]
+    if stage == "finetune":
+        return [
+            *p,
+            *("--data", f"{d}/data/tok", "--pretrained", f"{d}/models/pretrained", "--out", f"{d}/models/ft{tag}"),
+            *("--metrics", f"{d}/metrics/finetune{tag}.json", "--plots", f"{d}/plots/finetune{tag}"),
+        ]
+    return [
+        *p,
+        *("--data", f"{d}/data/prepared", "--tokenized", f"{d}/data/tok", "--model", f"{d}/models/ft{tag}"),
+        *("--metrics", f"{d}/metrics/evaluate{tag}.json", "--plots", f"{d}/plots/evaluate{tag}"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def pipeline(server: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """All five stages once against the server through MLFLOW_TRACKING_URI; yields (outputs, params file)."""
+    uri, _ = server
+    d = tmp_path_factory.mktemp("pipeline")
+    pd.DataFrame(make_corpus()).to_csv(d / "tiny.csv", index=False)
+    params = tiny_params(d, prepare={"source": str(d / "tiny.csv")})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        for stage in (prepare, tokenize, pretrain, finetune, evaluate):
+            stage.main(stage_args(d, params, stage.__name__.split(".")[-1]))
+        yield d, params
+    mlflow.set_tracking_uri(None)  # later tests in this process pick their own store again
+
+
+@pytest.fixture
+def client(server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server[0])
+    mlflow.set_tracking_uri(server[0])
+    return MlflowClient(server[0])
+
+
+def stage_runs(client: MlflowClient, stage: str) -> list:
+    exp = client.get_experiment_by_name("transferpipe-test")
+    return client.search_runs(
+        [exp.experiment_id], f"tags.`transferpipe.stage` = '{stage}'", order_by=["attributes.start_time ASC"]
+    )
+
+
+def test_runs_metric_histories_and_served_artifacts(
+    pipeline: tuple[Path, Path], server: tuple[str, Path], client: MlflowClient
+) -> None:
+    d, _ = pipeline
+    (pre,), (fine,) = stage_runs(client, "pretrain"), stage_runs(client, "finetune")
+    assert pre.info.status == fine.info.status == "FINISHED"
+    assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "eval/loss")][:2] == [3, 6]
+    assert len(client.get_metric_history(pre.info.run_id, "train/loss")) >= 1
+    assert len(client.get_metric_history(fine.info.run_id, "eval/macro_f1")) == 2  # two epochs
+    assert 0 <= fine.data.metrics["test/macro_f1"] <= 1
+    # Artifacts travel through the server into its --artifacts-destination, nowhere near the stage's folder.
+    assert fine.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert {a.path for a in client.list_artifacts(pre.info.run_id, "model")} >= {"model/model.safetensors"}
+    assert list(server[1].rglob("model.safetensors")) and list(server[1].rglob("MLmodel"))
+    assert not (d / "mlruns").exists() and not (d / "mlartifacts").exists()
+
+
+def test_first_version_is_candidate_and_champion_and_loads_by_alias(
+    pipeline: tuple[Path, Path], client: MlflowClient
+) -> None:
+    d, _ = pipeline
+    (fine,) = stage_runs(client, "finetune")
+    assert json.loads((d / "models/ft/training_run.json").read_text()) == {
+        "mlflow_run_id": fine.info.run_id,
+        "model_version": "1",
+    }
+    version = client.get_model_version(MODEL, "1")
+    assert version.run_id == fine.info.run_id
+    assert set(version.aliases) == {"candidate", "champion"}
+    pred = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(["bank shares market", "film music star"])
+    assert len(pred) == 2 and set(pred["label"]) <= LABELS
+
+
+def test_champion_moves_only_to_a_better_candidate(
+    pipeline: tuple[Path, Path], client: MlflowClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, params = pipeline
+    finetune.main(stage_args(d, params, "finetune", tag="2"))
+    assert json.loads((d / "models/ft2/training_run.json").read_text())["model_version"] == "2"
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == "2"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+    # Whatever version 2 scores, a champion at an impossible macro-F1 of 2.0 beats it.
+    champion_run = client.get_model_version(MODEL, "1").run_id
+    client.log_metric(champion_run, "test/macro_f1", 2.0)
+    capsys.readouterr()
+    evaluate.main(stage_args(d, params, "evaluate", tag="2"))
+    assert "champion stays version 1" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+    # And a champion below any possible score loses to it.
+    client.log_metric(champion_run, "test/macro_f1", -1.0, step=1)
+    evaluate.main(stage_args(d, params, "evaluate", tag="2"))
+    assert "champion is now version 2" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    run2 = client.get_run(client.get_model_version(MODEL, "2").run_id)
+    assert run2.info.status == "FINISHED" and "test/macro_f1" in run2.data.metrics
+
+
+def test_unreachable_server_stops_a_stage_in_seconds_with_one_line(
+    tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = tiny_params(tmp_path, prepare={"source": str(tiny_csv)})
+    for stage in (prepare, tokenize):
+        stage.main(stage_args(tmp_path, params, stage.__name__.split(".")[-1]))
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.pretrain", *stage_args(tmp_path, params, "pretrain")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    assert uri in errors[0] and "tracking.enabled: false" in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
+    # MLflow's own client would retry for minutes; the check answers within the imports' time.
+    assert elapsed < 20, elapsed
+    assert not (tmp_path / "models/pretrained").exists() and not (tmp_path / "metrics/pretrain.json").exists()
+    assert not (tmp_path / "plots/pretrain").exists()
