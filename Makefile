@@ -22,12 +22,12 @@ test-fast:
 	$(PYTHON) -m pytest -m "not slow"
 
 lint:
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check src stages tests bench
+	$(PYTHON) -m ruff format --check src stages tests bench
 
 format:
-	$(PYTHON) -m ruff check --fix .
-	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix src stages tests bench
+	$(PYTHON) -m ruff format src stages tests bench
 
 # Speed against reference paths, printed side by side (not timed tests). noop_repro needs an up-to-date pipeline.
 bench:

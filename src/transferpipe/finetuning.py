@@ -5,14 +5,34 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
+from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
-from transferpipe.modeling import freeze, param_groups
+from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
 from transferpipe.params import FinetuneParams
 from transferpipe.tracking import Run
 from transferpipe.training import FitResult, fit, make_optimizer
+
+
+def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, seed: int) -> datasets.Dataset:
+    """At most labels_per_class examples of each class, drawn with a seeded generator ("all": all of them)."""
+    if labels_per_class == "all":
+        return train
+    if labels_per_class < 1:
+        raise UserError(f"params finetune.labels_per_class={labels_per_class} must be at least 1 or 'all'")
+    labels = np.asarray(train["labels"])
+    rng = np.random.default_rng(seed)
+    keep = [
+        i
+        for label in np.unique(labels)
+        for i in rng.choice(
+            np.flatnonzero(labels == label), min(labels_per_class, int((labels == label).sum())), replace=False
+        )
+    ]
+    return train.select(sorted(int(i) for i in keep))
 
 
 def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> DataCollatorWithPadding:
@@ -51,10 +71,11 @@ def finetune(
 ) -> FitResult:
     """Train on splits["train"], evaluate macro-F1 on splits["validation"] every epoch, keep the best."""
     frozen = freeze(model, params.freeze_embeddings, params.freeze_layers)
-    run.log_params({"frozen_parameters": frozen})
     collator = collator_for(tokenizer, device)
-    train = splits["train"].select_columns(
-        [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in splits["train"].column_names]
+    train = subsample_per_class(splits["train"], params.labels_per_class, params.seed)
+    run.log_params({"frozen_parameters": frozen, "train_examples": len(train)})
+    train = train.select_columns(
+        [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
     )
     loader = DataLoader(
         train,
@@ -64,9 +85,16 @@ def finetune(
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(params.seed),
     )
-    groups = param_groups(model, params.encoder_learning_rate, params.head_learning_rate, params.weight_decay)
+    groups = param_groups(
+        model, params.encoder_learning_rate, params.head_learning_rate, params.weight_decay, params.layer_lr_decay
+    )
     optimizer = make_optimizer(groups, params.head_learning_rate, 0.999, device)
     validation = splits["validation"]
+
+    def compute_loss(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()  # (batch, n_labels)
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=params.label_smoothing)
 
     def evaluate() -> dict[str, float]:
         logits = predict_logits(model, validation, collator, params.batch_size * 2, device)
@@ -88,6 +116,8 @@ def finetune(
         device=device,
         monitor="macro_f1",
         patience=params.early_stopping_patience,
+        compute_loss=compute_loss,
+        on_epoch=gradual_unfreezing(model) if params.gradual_unfreezing else None,
         log_every=max(1, min(10, len(loader) // 2)),
         desc="finetune",
     )

@@ -7,6 +7,7 @@ second than a post-LayerNorm BERT of the same size that projects every position 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,23 +112,48 @@ def freeze(model: PreTrainedModel, embeddings: bool, num_layers: int) -> int:
     return frozen
 
 
-def param_groups(model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Encoder and head at their own learning rates; no weight decay on biases and norms."""
-    encoder_ids = {id(p) for p in encoder_of(model).parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def layer_groups(model: PreTrainedModel) -> list[list[nn.Parameter]]:
+    """Encoder parameters in groups from the top down: [final norm etc. + top block], ..., [lowest block],
+    [embeddings]. The unit of discriminative learning rates and of gradual unfreezing."""
+    encoder = encoder_of(model)
+    blocks = [list(layer.parameters()) for layer in encoder_layers(model)]
+    embeddings = list(encoder.embeddings.parameters())
+    placed = {id(p) for group in [*blocks, embeddings] for p in group}
+    rest = [p for p in encoder.parameters() if id(p) not in placed]  # e.g. ModernBERT's final norm
+    return [rest + blocks[-1], *reversed(blocks[:-1]), embeddings]
+
+
+def param_groups(
+    model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float, layer_lr_decay: float = 1.0
+) -> list[dict]:
+    """Optimizer groups: the head at head_lr, encoder group k from the top at encoder_lr * layer_lr_decay^k;
+    no weight decay on biases and norms; frozen parameters left out."""
+    lr_of = {id(p): encoder_lr * layer_lr_decay**k for k, group in enumerate(layer_groups(model)) for p in group}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "norm" in name.lower()
-        groups.setdefault((id(p) in encoder_ids, no_decay), []).append(p)
+        groups.setdefault((lr_of.get(id(p), head_lr), no_decay), []).append(p)
     return [
-        {
-            "params": ps,
-            "lr": encoder_lr if is_encoder else head_lr,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-        }
-        for (is_encoder, no_decay), ps in groups.items()
+        {"params": ps, "lr": lr, "weight_decay": 0.0 if no_decay else weight_decay}
+        for (lr, no_decay), ps in groups.items()
     ]
+
+
+def gradual_unfreezing(model: PreTrainedModel) -> Callable[[int], None]:
+    """ULMFiT's schedule as an epoch hook: at epoch e the top e encoder groups train, the rest wait frozen.
+
+    Only parameters trainable when it is made take part: freeze_layers / freeze_embeddings stay frozen.
+    """
+    groups = [[p for p in group if p.requires_grad] for group in layer_groups(model)]
+
+    def on_epoch(epoch: int) -> None:
+        for k, group in enumerate(groups):
+            for p in group:
+                p.requires_grad_(k < epoch)
+
+    return on_epoch
 
 
 def count_parameters(model: nn.Module) -> int:

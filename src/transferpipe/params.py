@@ -90,6 +90,13 @@ class FinetuneParams:
     classifier_pooling: Literal["mean", "cls"] = "mean"
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the lowest N encoder layers
+    # Discriminative fine-tuning: block i of L learns at encoder_learning_rate * decay^(L-1-i), the embeddings
+    # at decay^L. 1.0 gives every encoder parameter the same rate.
+    layer_lr_decay: float = 1.0
+    # ULMFiT: the first epoch trains the head alone, each later epoch unfreezes one more block from the top.
+    gradual_unfreezing: bool = False
+    label_smoothing: float = 0.0
+    labels_per_class: int | Literal["all"] = "all"  # a stratified, seeded subsample of the training labels
     early_stopping_patience: int = 3  # epochs without a better validation macro-F1
     max_grad_norm: float = 1.0
     seed: int = 42

@@ -77,13 +77,16 @@ def fit(
     device: torch.device,
     monitor: str | None = None,
     patience: int | None = None,
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
     log_every: int = 10,
     desc: str = "train",
 ) -> FitResult:
     """Train for total_steps; evaluate every eval_every steps and at the end.
 
     With `monitor` (a key of evaluate()'s result, higher is better) the best weights are restored at the
-    end, and training stops once `patience` evaluations in a row brought no improvement.
+    end, and training stops once `patience` evaluations in a row brought no improvement. `compute_loss`
+    replaces the model's own loss; `on_epoch(epoch)` runs before the first step of every epoch.
     """
     scheduler = get_scheduler(
         "linear",
@@ -100,11 +103,15 @@ def fit(
     start = time.perf_counter()
     progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     batches = _batches(loader)
+    current_epoch = -1
     for step in range(1, total_steps + 1):
         epoch, batch = next(batches)
+        if epoch != current_epoch and on_epoch is not None:
+            on_epoch(epoch)
+        current_epoch = epoch
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch).loss
+            loss = model(**batch).loss if compute_loss is None else compute_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()

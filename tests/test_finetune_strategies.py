@@ -1,0 +1,120 @@
+"""The fine-tuning strategies of the method: discriminative learning rates, gradual unfreezing, label
+subsampling, label smoothing, for both architectures."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import PreTrainedModel
+
+from tests.test_modeling import LABELS, classifier, encoder_dir, tokenizer  # noqa: F401 (fixtures)
+from transferpipe.errors import UserError
+from transferpipe.finetuning import subsample_per_class
+from transferpipe.modeling import (
+    encoder_layers,
+    encoder_of,
+    freeze,
+    gradual_unfreezing,
+    layer_groups,
+    param_groups,
+)
+from transferpipe.params import FinetuneParams, from_dict
+
+
+def test_layer_groups_cover_the_encoder_once_top_down(classifier: PreTrainedModel) -> None:
+    groups = layer_groups(classifier)
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in encoder_of(classifier).parameters()}
+    layers = encoder_layers(classifier)
+    assert len(groups) == len(layers) + 1
+    assert {id(p) for p in layers[-1].parameters()} <= {id(p) for p in groups[0]}
+    assert {id(p) for p in layers[0].parameters()} == {id(p) for p in groups[-2]}
+    assert {id(p) for p in encoder_of(classifier).embeddings.parameters()} == {id(p) for p in groups[-1]}
+
+
+def test_layer_lr_decay_scales_each_group_down_from_the_top(classifier: PreTrainedModel) -> None:
+    groups = param_groups(classifier, encoder_lr=1e-3, head_lr=1e-2, weight_decay=0.0, layer_lr_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for k, group in enumerate(layer_groups(classifier)):
+        assert [lr_of[id(p)] for p in group] == pytest.approx([1e-3 * 0.5**k] * len(group)), k
+    encoder_ids = {id(p) for p in encoder_of(classifier).parameters()}
+    head = [p for p in classifier.parameters() if id(p) not in encoder_ids]
+    assert head and {lr_of[id(p)] for p in head} == {1e-2}
+
+
+def test_gradual_unfreezing_opens_one_group_per_epoch_and_keeps_frozen_ones(classifier: PreTrainedModel) -> None:
+    freeze(classifier, embeddings=True, num_layers=0)
+    on_epoch = gradual_unfreezing(classifier)
+    groups = layer_groups(classifier)
+    embeddings = {id(p) for p in encoder_of(classifier).embeddings.parameters()}
+    encoder_ids = {id(p) for p in encoder_of(classifier).parameters()}
+    for epoch in range(len(groups) + 2):
+        on_epoch(epoch)
+        for k, group in enumerate(groups):
+            for p in group:
+                expected = k < epoch and id(p) not in embeddings
+                assert p.requires_grad == expected, (epoch, k)
+        assert all(p.requires_grad for p in classifier.parameters() if id(p) not in encoder_ids)  # the head
+
+
+def train_set(counts: dict[int, int]) -> datasets.Dataset:
+    labels = [label for label, n in counts.items() for _ in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": [[i] for i in range(len(labels))], "labels": labels})
+
+
+def test_labels_per_class_is_a_stratified_seeded_subsample() -> None:
+    ds = train_set({0: 10, 1: 4, 2: 7})
+    small = subsample_per_class(ds, 5, seed=1)
+    assert Counter(small["labels"]) == {0: 5, 1: 4, 2: 5}
+    assert subsample_per_class(ds, 5, seed=1)["input_ids"] == small["input_ids"]
+    assert subsample_per_class(ds, 5, seed=2)["input_ids"] != small["input_ids"]
+    assert subsample_per_class(ds, "all", seed=1) is ds
+    with pytest.raises(UserError, match="labels_per_class=0"):
+        subsample_per_class(ds, 0, seed=1)
+
+
+def test_labels_per_class_param_takes_all_or_an_integer() -> None:
+    base = {f: getattr(FinetuneParams(), f) for f in FinetuneParams.__dataclass_fields__}
+    assert from_dict(FinetuneParams, {**base, "labels_per_class": 20}, "finetune").labels_per_class == 20
+    assert from_dict(FinetuneParams, {**base, "labels_per_class": "all"}, "finetune").labels_per_class == "all"
+    with pytest.raises(UserError, match="labels_per_class"):
+        from_dict(FinetuneParams, {**base, "labels_per_class": "some"}, "finetune")
+
+
+def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from stages import finetune, prepare, pretrain, tokenize
+    from tests.conftest import tiny_params
+
+    params = str(
+        tiny_params(
+            tmp_path,
+            prepare={"source": str(tiny_csv)},
+            finetune={
+                "epochs": 3,
+                "layer_lr_decay": 0.8,
+                "gradual_unfreezing": True,
+                "label_smoothing": 0.1,
+                "labels_per_class": 3,
+            },
+        )
+    )
+    d = tmp_path
+    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
+    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
+    pretrain.main(["--params", params, "--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m",
+                   "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"])  # fmt: skip
+    metrics = finetune.main(["--params", params, "--data", f"{d}/t", "--pretrained", f"{d}/m", "--out", f"{d}/f",
+                             "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"])  # fmt: skip
+    # 5 classes x 3 labels, batch size 8: 2 steps an epoch.
+    assert metrics["train"]["steps"] == 6
+    run = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("transferpipe-test").experiment_id],
+        "tags.`transferpipe.stage` = 'finetune'",
+    )[0]
+    assert run.data.params["train_examples"] == "15"
+    assert run.data.params["finetune.label_smoothing"] == "0.1"
