@@ -87,8 +87,8 @@ def test_labels_per_class_param_takes_all_or_an_integer() -> None:
 def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from stages import finetune, prepare, pretrain, tokenize
     from tests.conftest import tiny_params
+    from tests.test_stages import run_short
 
     params = str(
         tiny_params(
@@ -103,13 +103,7 @@ def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Pat
             },
         )
     )
-    d = tmp_path
-    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
-    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
-    pretrain.main(["--params", params, "--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m",
-                   "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"])  # fmt: skip
-    metrics = finetune.main(["--params", params, "--data", f"{d}/t", "--pretrained", f"{d}/m", "--out", f"{d}/f",
-                             "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"])  # fmt: skip
+    metrics = run_short(params, tmp_path, through="finetune")
     # 5 classes x 3 labels, batch size 8: 2 steps an epoch.
     assert metrics["train"]["steps"] == 6
     run = MlflowClient().search_runs(

@@ -18,6 +18,24 @@ def files_in(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
+    """The stages up to `through` on params, writing to short paths under d (p, tok, t, m, f); returns the
+    last stage's metrics."""
+    order = ["prepare", "tokenize", "pretrain", "finetune"]
+    argv = {
+        "prepare": ["--out", f"{d}/p", "--stats", f"{d}/s.json"],
+        "tokenize": ["--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"],
+        "pretrain": ["--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m",
+                     "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"],
+        "finetune": ["--data", f"{d}/t", "--pretrained", f"{d}/m", "--out", f"{d}/f",
+                     "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"],
+    }  # fmt: skip
+    modules = {"prepare": prepare, "tokenize": tokenize, "pretrain": pretrain, "finetune": finetune}
+    for name in order[: order.index(through) + 1]:
+        metrics = modules[name].main(["--params", params, *argv[name]])
+    return metrics
+
+
 @pytest.fixture
 def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> Path:
     """All five stages run once on the tiny CSV; returns the folder holding their outputs."""
@@ -194,24 +212,7 @@ def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monke
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     params = str(tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tracking={"enabled": False}))
     d = tmp_path
-    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
-    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
-    pretrain.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/t",
-            "--tokenizer",
-            f"{d}/tok",
-            "--out",
-            f"{d}/m",
-            "--metrics",
-            f"{d}/m.json",
-            "--plots",
-            f"{d}/pl",
-        ]
-    )
+    run_short(params, d)
     assert json.loads((d / "m/training_run.json").read_text()) == {"mlflow_run_id": None}
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -244,27 +245,10 @@ def test_start_from_a_local_checkpoint_with_pretraining_skipped(
         )
     )
     d = tmp_path
-    prepare.main(["--params", params, "--out", f"{d}/p", "--stats", f"{d}/s.json"])
-    tokenize.main(["--params", params, "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"])
+    metrics = run_short(params, d)
     assert (
         json.loads((d / "tok/tokenizer.json").read_text())["model"]["vocab"]
         == json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"]
-    )
-    metrics = pretrain.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/t",
-            "--tokenizer",
-            f"{d}/tok",
-            "--out",
-            f"{d}/m",
-            "--metrics",
-            f"{d}/m.json",
-            "--plots",
-            f"{d}/pl",
-        ]
     )
     assert metrics["train"]["steps"] == 0 and math.isfinite(metrics["eval"]["loss"])
     saved, original = AutoModelForMaskedLM.from_pretrained(d / "m"), BertForMaskedLM.from_pretrained(ckpt)
