@@ -57,8 +57,8 @@ def test_confusion_rows_name_actual_and_predicted() -> None:
 
 def test_confusion_matrix_counts() -> None:
     expected = np.array([[2, 1, 0], [0, 1, 1], [0, 0, 1]])
-    np.testing.assert_array_equal(confusion(Y_TRUE, Y_PRED, 3), expected)
-    assert confusion(Y_TRUE, Y_PRED, 4).shape == (4, 4)
+    np.testing.assert_array_equal(confusion(Y_TRUE, Y_PRED, range(3)), expected)
+    assert confusion(Y_TRUE, Y_PRED, range(4)).shape == (4, 4)
 
 
 def test_tfidf_logreg_learns_the_topics() -> None:

@@ -42,8 +42,9 @@ def per_class_rows(scores: dict) -> list[dict]:
     return [{"label": name, **values} for name, values in scores["per_class"].items()]
 
 
-def confusion(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> np.ndarray:
-    return confusion_matrix(y_true, y_pred, labels=list(range(n_labels)))
+def confusion(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> np.ndarray:
+    """Counts of (actual, predicted) in the order of `labels` (ids or names); absent labels count zero."""
+    return confusion_matrix(y_true, y_pred, labels=list(labels))
 
 
 def tfidf_logreg(

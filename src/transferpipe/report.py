@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from transferpipe.errors import UserError
+from transferpipe.evaluation import confusion
 from transferpipe.io import write_text_atomic
 
 PARAMS_FILE = "params.yaml"
@@ -333,13 +334,12 @@ def _confusion_figure(path: Path, model: str, json_path: str, *sides: Side) -> N
             ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        counts = pd.crosstab(frame["actual"].astype(str), frame["predicted"].astype(str))
-        counts = counts.reindex(index=labels, columns=labels, fill_value=0)  # (actual, predicted)
-        ax.imshow(counts.to_numpy(), cmap="Blues")
-        peak = counts.to_numpy().max() or 1
+        counts = confusion(frame["actual"].astype(str), frame["predicted"].astype(str), labels)  # (actual, predicted)
+        ax.imshow(counts, cmap="Blues")
+        peak = counts.max() or 1
         for i, _ in enumerate(labels):
             for j, _ in enumerate(labels):
-                value = int(counts.iat[i, j])
+                value = int(counts[i, j])
                 color = "white" if value > peak / 2 else "black"
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)

@@ -80,12 +80,6 @@ class Run:
 
             _retry_locked(lambda: mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.run_id:
-            import mlflow
-
-            _retry_locked(lambda: mlflow.set_tags(tags))
-
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.run_id:
             import mlflow
