@@ -32,7 +32,9 @@ format:
 # Speed against reference paths, printed side by side (not timed tests). noop_repro needs an up-to-date pipeline.
 bench:
 	$(PYTHON) -m bench.tokenize_throughput
+	$(PYTHON) -m bench.tokenize_memory
 	$(PYTHON) -m bench.pretrain_throughput
+	$(PYTHON) -m bench.finetune_throughput
 	$(PYTHON) -m bench.noop_repro
 
 plots:

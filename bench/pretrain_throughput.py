@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
 from bench.common import default_data, load, machine, report
-from transferpipe.modeling import masked_lm
+from transferpipe.modeling import pretraining_model
 from transferpipe.tokenization import pack_blocks
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     blocks = pack_blocks(tokenizer, texts, block).with_format("torch")
-    ours = masked_lm(m, tokenizer)
+    ours = pretraining_model(m, tokenizer)
     ours_loader = DataLoader(blocks, batch_size=p.batch_size, shuffle=True, collate_fn=collator)
 
     padded = [

@@ -1,15 +1,23 @@
-"""finetune: the pretrained encoder plus a classification head, trained on the labeled train split.
+"""finetune: an encoder plus a classification head, trained on the labeled train split.
+
+dvc.yaml runs it twice (a foreach): on the pretrained encoder, and on the same architecture untrained
+(`scratch`), the baseline that shows what pretraining is worth. Both are logged to MLflow (tag
+transferpipe.variant); only the pretrained variant is registered in the model registry.
 
 Separate learning rates for encoder and head, warmup then linear decay, optional freezing, evaluation on
 validation every epoch with early stopping on macro-F1, the best epoch's weights kept. The saved model
 carries its label names: transformers.pipeline("text-classification", model=<out>) returns them.
 
-Inputs:  --data tokenized datasets (train, validation, labels.json), --pretrained encoder folder
+Inputs:  --data tokenized datasets (train, validation, labels.json), --encoder folder (from pretrain),
+         --variant pretrained | scratch
 Outputs: --out save_pretrained folder (+ training_run.json: MLflow run id and registered model version),
          --metrics JSON, --plots folder
 Params:  finetune, tracking
-Run:     python -m stages.finetune --params params.yaml --data data/tokenized --pretrained models/pretrained \
-             --out models/finetuned --metrics metrics/finetune.json --plots plots/finetune
+Run:     python -m stages.finetune --params params.yaml --data data/tokenized --encoder models/pretrained \
+             --variant pretrained --out models/finetuned/pretrained --metrics metrics/finetune/pretrained.json \
+             --plots plots/finetune/pretrained
+Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
+         writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)
 """
 
 from __future__ import annotations
@@ -19,21 +27,25 @@ from pathlib import Path
 
 import datasets
 
+from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
 from transferpipe.finetuning import finetune
 from transferpipe.io import atomic_dir, read_json, write_json
-from transferpipe.modeling import count_parameters, pick_device, sequence_classifier
+from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import FinetuneParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, start_run
 from transferpipe.training import seed_everything
+
+VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m stages.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--pretrained", type=Path, required=True)
+    parser.add_argument("--encoder", type=Path, required=True)
+    parser.add_argument("--variant", choices=VARIANTS, default="pretrained")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
@@ -45,13 +57,16 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(params.seed)
     splits = datasets.load_from_disk(str(args.data))
     label_names = read_json(args.data / "labels.json")
-    tokenizer = load_tokenizer(args.pretrained)
-    model = sequence_classifier(args.pretrained, label_names, params.classifier_dropout, params.classifier_pooling)
-    device = pick_device()
-    pretrain_run = read_json(args.pretrained / "training_run.json").get("mlflow_run_id")
+    tokenizer = load_tokenizer(args.encoder)
+    model = sequence_classifier(args.encoder, label_names, params.classifier_dropout, params.classifier_pooling)
+    pretrain_run = read_json(args.encoder / "training_run.json").get("mlflow_run_id")
 
-    tags = {"transferpipe.pretrain_run_id": pretrain_run} if pretrain_run else {}
-    with start_run("finetune", tracking, tags) as run:
+    tags = {"transferpipe.variant": args.variant}
+    if pretrain_run:
+        tags["transferpipe.pretrain_run_id"] = pretrain_run
+    # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
+    run_name = f"finetune-{args.variant}"
+    with process_group() as device, start_run("finetune", tracking, tags, name=run_name, primary=is_main()) as run:
         run.log_params(
             {
                 **to_flat_dict(params, "finetune"),
@@ -70,13 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "examples_per_second": round(result.examples_per_second, 1),
             },
         }
+        if not is_main():
+            return metrics  # rank 0 writes the outputs
         run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
         examples = tokenizer.batch_decode(splits["validation"][:2]["input_ids"], skip_special_tokens=True)
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             # Logged and registered before the folder is in place: its training_run.json names the version.
-            version = run.log_text_classifier(tmp, examples, tracking.registered_model_name)
+            registry_name = tracking.registered_model_name if args.variant == "pretrained" else None
+            version = run.log_text_classifier(tmp, examples, registry_name)
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
@@ -85,4 +103,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.finetune")  # TRANSFERPIPE_NPROC=N: N processes
     run_cli(main)

@@ -2,13 +2,18 @@
 
 From scratch (sizes from the model section) or continued from model.checkpoint. With
 pretrain.enabled false the starting encoder is saved untrained, so finetune starts from it directly.
+Beside it goes the same architecture untrained (--scratch): the no-pretraining baseline that finetune
+also trains, so every run measures what pretraining is worth.
 
 Inputs:  --data tokenized datasets (mlm_train, mlm_validation), --tokenizer folder
 Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.json),
+         --scratch the same architecture with its initial random weights (same layout),
          --metrics JSON (DVC metrics), --plots folder (train.csv, eval.csv)
 Params:  model, pretrain, tracking
 Run:     python -m stages.pretrain --params params.yaml --data data/tokenized --tokenizer models/tokenizer \
-             --out models/pretrained --metrics metrics/pretrain.json --plots plots/pretrain
+             --out models/pretrained --scratch models/scratch --metrics metrics/pretrain.json --plots plots/pretrain
+Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
+         writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from pathlib import Path
 
 import datasets
 
+from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
-from transferpipe.modeling import count_parameters, masked_lm, pick_device
+from transferpipe.modeling import count_parameters, pretraining_model, untrained_copy
 from transferpipe.params import ModelParams, PretrainParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.pretraining import evaluate_untrained, pretrain
 from transferpipe.tokenization import load_tokenizer
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scratch", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -45,10 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(params.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     blocks = datasets.load_from_disk(str(args.data))
-    model = masked_lm(model_params, tokenizer)
-    device = pick_device()
+    model = pretraining_model(model_params, tokenizer)
+    scratch = untrained_copy(model, params.seed)  # the no-pretraining baseline
 
-    with start_run("pretrain", tracking) as run:
+    # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
+    with process_group() as device, start_run("pretrain", tracking, primary=is_main()) as run:
         run.log_params(
             {
                 **to_flat_dict(model_params, "model"),
@@ -69,10 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "parameters": count_parameters(model),
             },
         }
+        if not is_main():
+            return metrics  # rank 0 writes the outputs
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id})
+        with atomic_dir(args.scratch) as tmp:
+            scratch.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "training_run.json", {"mlflow_run_id": None})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
         run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
@@ -82,4 +96,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    relaunch_under_torchrun("stages.pretrain")  # TRANSFERPIPE_NPROC=N: N processes
     run_cli(main)

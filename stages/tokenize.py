@@ -2,6 +2,8 @@
 
 The WordPiece tokenizer is trained on pretraining text only (train split plus extra unlabeled text),
 never on validation or test. With model.checkpoint set, that checkpoint's tokenizer is used instead.
+The prepared Parquet files are read as memory-mapped Arrow datasets and every step writes Arrow files to a
+scratch folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
 
 Inputs:  --data folder from prepare
 Outputs: --tokenizer folder (save_pretrained), --out datasets folder with splits
@@ -15,19 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import datasets
 
-from transferpipe.data import read_prepared
+from transferpipe.data import open_prepared
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir
 from transferpipe.params import ModelParams, TokenizeParams, load_section
 from transferpipe.tokenization import (
     load_tokenizer,
-    pack_blocks,
-    tokenize_for_classification,
+    pack_tokenized,
+    text_batches,
+    tokenize_documents,
     train_wordpiece,
+    truncate_tokenized,
 )
 
 
@@ -41,35 +46,40 @@ def main(argv: list[str] | None = None) -> dict:
 
     params = load_section(args.params, "tokenize", TokenizeParams)
     checkpoint = load_section(args.params, "model", ModelParams).checkpoint
-    splits, label_names, unlabeled = read_prepared(args.data)
-
-    pretrain_text = splits["train"]["text"].tolist() + unlabeled
-    if checkpoint is None:
-        tokenizer = train_wordpiece(pretrain_text, params.vocab_size, params.min_frequency, params.lowercase)
-    else:
-        tokenizer = load_tokenizer(checkpoint)
-
-    tokenized = datasets.DatasetDict(
-        mlm_train=pack_blocks(tokenizer, pretrain_text, params.block_size),
-        # Held-out MLM loss is measured on validation articles, which the tokenizer never saw.
-        mlm_validation=pack_blocks(tokenizer, splits["validation"]["text"].tolist(), params.block_size),
-        **{
-            name: tokenize_for_classification(
-                tokenizer, frame["text"].tolist(), frame["label"].tolist(), params.max_length
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # Every intermediate dataset is an Arrow file in this scratch folder, memory-mapped, never all in memory.
+    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", suffix=".scratch", dir=args.out.parent) as scratch:
+        splits, label_names, unlabeled = open_prepared(args.data, Path(scratch))
+        pretraining = [splits["train"]] + ([unlabeled] if len(unlabeled) else [])
+        if checkpoint is None:
+            tokenizer = train_wordpiece(
+                text_batches(pretraining), params.vocab_size, params.min_frequency, params.lowercase
             )
-            for name, frame in splits.items()
-        },
-    )
-    with atomic_dir(args.tokenizer) as tmp:
-        tokenizer.save_pretrained(tmp)
-    with atomic_dir(args.out) as tmp:
-        tokenized.save_to_disk(tmp)
-        (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
-    summary = {
-        "vocab_size": len(tokenizer),
-        "pretraining_tokens": len(tokenized["mlm_train"]) * params.block_size,
-        **{f"{name}_examples": len(tokenized[name]) for name in splits},
-    }
+        else:
+            tokenizer = load_tokenizer(checkpoint)
+
+        # Each document is tokenized once: train and validation feed both the packed blocks and the
+        # classification inputs.
+        documents = {name: tokenize_documents(tokenizer, ds, params.num_proc) for name, ds in splits.items()}
+        mlm_train = [documents["train"].select_columns(["input_ids"])]
+        if len(unlabeled):
+            mlm_train.append(tokenize_documents(tokenizer, unlabeled, params.num_proc))
+        tokenized = datasets.DatasetDict(
+            mlm_train=pack_tokenized(datasets.concatenate_datasets(mlm_train), params.block_size),
+            # Held-out MLM loss is measured on validation articles, which the tokenizer never saw.
+            mlm_validation=pack_tokenized(documents["validation"], params.block_size),
+            **{name: truncate_tokenized(tokenizer, docs, params.max_length) for name, docs in documents.items()},
+        )
+        with atomic_dir(args.tokenizer) as tmp:
+            tokenizer.save_pretrained(tmp)
+        with atomic_dir(args.out) as tmp:
+            tokenized.save_to_disk(tmp)
+            (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
+        summary = {
+            "vocab_size": len(tokenizer),
+            "pretraining_tokens": len(tokenized["mlm_train"]) * params.block_size,
+            **{f"{name}_examples": len(tokenized[name]) for name in splits},
+        }
     print(f"tokenize: {summary}")
     return summary
 

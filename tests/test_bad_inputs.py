@@ -151,6 +151,7 @@ def test_pretrain_with_heads_not_dividing_hidden_size(tmp_path: Path, tiny_csv: 
         data=data / "tokenized",
         tokenizer=models / "tokenizer",
         out=models / "pretrained",
+        scratch=models / "scratch",
         metrics=tmp_path / "metrics" / "pretrain.json",
         plots=tmp_path / "plots" / "pretrain",
     )

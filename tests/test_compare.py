@@ -46,7 +46,11 @@ def log_runs(uri: str, experiment: str, finetune: bool = True) -> None:
     if not finetune:
         return
     for name, exp_name, params, metrics in RUNS:
-        tags = {"transferpipe.stage": "finetune", "mlflow.source.git.commit": COMMIT}
+        tags = {
+            "transferpipe.stage": "finetune",
+            "transferpipe.variant": "pretrained",
+            "mlflow.source.git.commit": COMMIT,
+        }
         if exp_name:
             tags["dvc.exp_name"] = exp_name
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
@@ -65,7 +69,8 @@ def test_compare_shows_differing_params_and_metrics(
 
     table = pd.read_csv(csv, dtype={"commit": str})
     assert list(table["run"]) == ["finetune", "finetune-fewer-epochs", "finetune-low-lr"]
-    assert list(table.columns[:5]) == ["run", "run_id", "dvc.exp_name", "commit", "status"]
+    assert list(table.columns[:6]) == ["run", "run_id", "variant", "dvc.exp_name", "commit", "status"]
+    assert list(table["variant"]) == ["pretrained"] * 3
     # Params that differ between the runs are shown; the equal one (seed) is not.
     assert "finetune.epochs" in table and "finetune.encoder_learning_rate" in table
     assert "finetune.seed" not in table and "pretrain.max_steps" not in table
@@ -80,10 +85,13 @@ def test_compare_shows_differing_params_and_metrics(
 
     markdown = md.read_text()
     assert (
-        "| run | dvc.exp_name | commit | status | finetune.encoder_learning_rate | finetune.epochs | test/macro_f1 |"
-        in markdown
+        "| run | variant | dvc.exp_name | commit | status | finetune.encoder_learning_rate | finetune.epochs "
+        "| test/macro_f1 |" in markdown
     )
-    row = "| finetune-fewer-epochs | fewer-epochs | 0123456 | FINISHED | 0.0005 | 2 | 0.8000 | 0.8300 | - | 0.8500 |"
+    row = (
+        "| finetune-fewer-epochs | pretrained | fewer-epochs | 0123456 | FINISHED | 0.0005 | 2 "
+        "| 0.8000 | 0.8300 | - | 0.8500 |"
+    )
     assert row in markdown
     assert "finetune.seed" not in markdown
     assert "3 finetune run(s)" in markdown and "1 param(s) equal across runs, not shown" in markdown

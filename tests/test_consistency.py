@@ -17,12 +17,26 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = ["prepare", "tokenize", "pretrain", "finetune", "evaluate"]
 
 
+def expand(name: str, spec: dict) -> list[dict]:
+    """A stage's definitions with foreach expanded (${item} substituted), as DVC runs them."""
+    if "foreach" not in spec:
+        return [spec]
+    text = yaml.safe_dump(spec["do"])
+    return [yaml.safe_load(text.replace("${item}", item)) for item in spec["foreach"]]
+
+
+# (script, definition) for every stage DVC runs: finetune appears once per variant.
+RUNS = [(name, d) for name, spec in DVC["stages"].items() for d in expand(name, spec)]
+
+
 def imported_modules(path: Path) -> set[str]:
     """transferpipe modules a file imports directly."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferpipe."):
             found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "transferpipe":  # from transferpipe import x
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("transferpipe.")}
     return found
@@ -46,33 +60,38 @@ def sections_read(stage: str) -> set[str]:
 
 def test_stage_order_and_commands() -> None:
     assert list(DVC["stages"]) == STAGES
-    for name, stage in DVC["stages"].items():
+    assert [name for name, _ in RUNS] == ["prepare", "tokenize", "pretrain", "finetune", "finetune", "evaluate"]
+    for name, stage in RUNS:
         assert stage["cmd"].startswith(f"python -m stages.{name} --params params.yaml"), name
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_deps_list_exactly_the_package_modules_imported(stage: str) -> None:
-    deps = DVC["stages"][stage]["deps"]
-    code_deps = {d for d in deps if d.startswith(("src/", "stages/"))}
+@pytest.mark.parametrize(("stage", "spec"), RUNS)
+def test_deps_list_exactly_the_package_modules_imported(stage: str, spec: dict) -> None:
+    code_deps = {d for d in spec["deps"] if d.startswith(("src/", "stages/"))}
     expected = {f"stages/{stage}.py"} | {f"src/transferpipe/{m}.py" for m in transitive_modules(stage)}
     assert code_deps == expected
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_params_list_exactly_the_sections_read(stage: str) -> None:
-    listed = {p.split(".")[0] for p in DVC["stages"][stage]["params"]}
+@pytest.mark.parametrize(("stage", "spec"), RUNS)
+def test_params_list_exactly_the_sections_read(stage: str, spec: dict) -> None:
+    listed = {p.split(".")[0] for p in spec["params"]}
     assert listed == sections_read(stage)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_path_flag_is_a_declared_dep_or_output(stage: str) -> None:
-    spec = DVC["stages"][stage]
+@pytest.mark.parametrize(("stage", "spec"), RUNS)
+def test_every_path_flag_is_a_declared_dep_or_output(stage: str, spec: dict) -> None:
     declared = set(spec.get("deps", []))
     for key in ("outs", "metrics", "plots"):
         for entry in spec.get(key, []):
             declared.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-    flags = re.findall(r"--(\w+) (\S+)", spec["cmd"])
-    paths = {value for flag, value in flags if flag != "params"}
+    words = spec["cmd"].split()
+    # Every word after a path flag up to the next flag is a path (--models takes several).
+    paths, flag = set(), None
+    for word in words[3:]:
+        if word.startswith("--"):
+            flag = word[2:]
+        elif flag not in (None, "params", "variant"):
+            paths.add(word)
     assert paths <= declared, paths - declared
     assert paths | {d for d in declared if d.startswith(("src/", "stages/"))} == declared
 
@@ -92,9 +111,7 @@ def test_params_floats_are_written_with_a_dot() -> None:
 
 
 def test_top_level_plots_point_at_stage_outputs() -> None:
-    outs = {
-        next(iter(o)) if isinstance(o, dict) else o for stage in DVC["stages"].values() for o in stage.get("outs", [])
-    }
+    outs = {next(iter(o)) if isinstance(o, dict) else o for _, stage in RUNS for o in stage.get("outs", [])}
     for plot in DVC["plots"]:
         (spec,) = plot.values()
         for file in spec["y"]:

@@ -90,9 +90,12 @@ print(json.dumps({{
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["runs"] == [
         ["ep1", "finetune", "FINISHED", "1"],
+        ["ep1", "finetune", "FINISHED", "1"],
         ["ep1", "pretrain", "FINISHED", "6"],
         ["ep2", "finetune", "FINISHED", "2"],
+        ["ep2", "finetune", "FINISHED", "2"],
         ["ep2", "pretrain", "FINISHED", "6"],
+        ["steps3", "finetune", "FINISHED", "2"],
         ["steps3", "finetune", "FINISHED", "2"],
         ["steps3", "pretrain", "FINISHED", "3"],
     ]

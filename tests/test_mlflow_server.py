@@ -93,17 +93,18 @@ def stage_args(d: Path, params: Path, stage: str, tag: str = "") -> list[str]:
         return [
             *p,
             *("--data", f"{d}/data/tok", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/models/pretrained"),
+            *("--scratch", f"{d}/models/scratch"),
             *("--metrics", f"{d}/metrics/pretrain.json", "--plots", f"{d}/plots/pretrain"),
         ]
     if stage == "finetune":
         return [
             *p,
-            *("--data", f"{d}/data/tok", "--pretrained", f"{d}/models/pretrained", "--out", f"{d}/models/ft{tag}"),
+            *("--data", f"{d}/data/tok", "--encoder", f"{d}/models/pretrained", "--out", f"{d}/models/ft{tag}"),
             *("--metrics", f"{d}/metrics/finetune{tag}.json", "--plots", f"{d}/plots/finetune{tag}"),
         ]
     return [
         *p,
-        *("--data", f"{d}/data/prepared", "--tokenized", f"{d}/data/tok", "--model", f"{d}/models/ft{tag}"),
+        *("--data", f"{d}/data/prepared", "--tokenized", f"{d}/data/tok", "--models", f"{d}/models/ft{tag}"),
         *("--metrics", f"{d}/metrics/evaluate{tag}.json", "--plots", f"{d}/plots/evaluate{tag}"),
     ]
 

@@ -15,9 +15,9 @@ from transferpipe.modeling import (
     encoder_layers,
     encoder_of,
     freeze,
-    masked_lm,
     new_encoder_config,
     param_groups,
+    pretraining_model,
     sequence_classifier,
 )
 from transferpipe.params import ModelParams
@@ -43,7 +43,7 @@ def encoder_dir(
     """A tiny MLM encoder of each architecture, saved as a pretrained checkpoint."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(request.param)
-    masked_lm(dataclasses.replace(TINY, architecture=request.param), tokenizer).save_pretrained(folder)
+    pretraining_model(dataclasses.replace(TINY, architecture=request.param), tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -85,7 +85,7 @@ def test_new_encoder_config_rejects_heads_not_dividing_hidden_size(tokenizer: Pr
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_masked_lm_forward_gives_a_finite_loss(tokenizer: PreTrainedTokenizerFast, architecture: str) -> None:
     torch.manual_seed(0)
-    model = masked_lm(dataclasses.replace(TINY, architecture=architecture), tokenizer)
+    model = pretraining_model(dataclasses.replace(TINY, architecture=architecture), tokenizer)
     output = model(**mlm_batch(tokenizer))
     assert output.loss.ndim == 0
     assert torch.isfinite(output.loss)
@@ -96,7 +96,7 @@ def test_masked_lm_forward_gives_a_finite_loss(tokenizer: PreTrainedTokenizerFas
 
 
 def test_masked_lm_continues_from_a_checkpoint(encoder_dir: Path, tokenizer: PreTrainedTokenizerFast) -> None:
-    model = masked_lm(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
+    model = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
     assert model.config.hidden_size == 32
     assert torch.isfinite(model(**mlm_batch(tokenizer)).loss)
 
@@ -104,8 +104,8 @@ def test_masked_lm_continues_from_a_checkpoint(encoder_dir: Path, tokenizer: Pre
 def test_masked_lm_from_a_missing_checkpoint_is_a_user_error(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    with pytest.raises(UserError, match="could not load an MLM model"):
-        masked_lm(dataclasses.replace(TINY, checkpoint=str(tmp_path / "missing")), tokenizer)
+    with pytest.raises(UserError, match="could not load a model to pretrain"):
+        pretraining_model(dataclasses.replace(TINY, checkpoint=str(tmp_path / "missing")), tokenizer)
 
 
 def test_sequence_classifier_carries_label_names_and_the_pretrained_encoder(
@@ -116,7 +116,7 @@ def test_sequence_classifier_carries_label_names_and_the_pretrained_encoder(
     assert classifier.config.label2id == {"business": 0, "sport": 1, "tech": 2}
     assert classifier.config.classifier_dropout == 0.1
     # The encoder weights are the saved ones, not a fresh initialisation.
-    mlm = masked_lm(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
+    mlm = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
     saved = encoder_of(mlm).state_dict()
     loaded = encoder_of(classifier).state_dict()
     assert set(saved) <= set(loaded)  # BERT's classifier adds a pooler the MLM model lacks

@@ -54,7 +54,9 @@ def test_repro_writes_every_output_with_finite_metrics(repo: tuple[Path, dict]) 
         "data/tokenized",
         "models/tokenizer",
         "models/pretrained",
-        "models/finetuned",
+        "models/scratch",
+        "models/finetuned/pretrained",
+        "models/finetuned/scratch",
         "plots/pretrain",
         "plots/finetune",
         "plots/evaluate",
@@ -64,6 +66,7 @@ def test_repro_writes_every_output_with_finite_metrics(repo: tuple[Path, dict]) 
     data = json.loads((root / "metrics/data.json").read_text())
     assert data["documents"]["raw"] == 2225 and data["documents"]["duplicates_removed"] > 90
     ev = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(ev["test"]) == {"pretrained", "scratch", "tfidf_logreg"}
     values = [v for m in ev["test"].values() for v in m.values()]
     assert values and all(math.isfinite(v) for v in values)
     assert ev["test"]["tfidf_logreg"]["accuracy"] > 0.9  # the baseline on real BBC data
@@ -87,7 +90,7 @@ exp = c.get_experiment_by_name("transferpipe-test")
 runs = c.search_runs([exp.experiment_id])
 out = {{"stages": sorted(r.data.tags["transferpipe.stage"] for r in runs),
         "status": sorted({{r.info.status for r in runs}})}}
-fine = next(r for r in runs if r.data.tags["transferpipe.stage"] == "finetune")
+fine = next(r for r in runs if r.data.tags.get("transferpipe.variant") == "pretrained")
 out["history"] = len(c.get_metric_history(fine.info.run_id, "train/loss"))
 out["commit"] = fine.data.tags.get("mlflow.source.git.commit")
 out["test_f1"] = fine.data.metrics.get("test/macro_f1")
@@ -95,7 +98,7 @@ out["pred"] = mlflow.pyfunc.load_model(f"runs:/{{fine.info.run_id}}/model").pred
 print(json.dumps(out))
 """
     result = json.loads(sh([sys.executable, "-c", script], root, env).stdout.strip().splitlines()[-1])
-    assert result["stages"] == ["finetune", "pretrain"]
+    assert result["stages"] == ["finetune", "finetune", "pretrain"]
     assert result["status"] == ["FINISHED"]
     assert result["history"] >= 2
     assert result["commit"] and len(result["commit"]) == 40
@@ -108,16 +111,21 @@ def test_metrics_show_and_params_diff(repo: tuple[Path, dict]) -> None:
     root, env = repo
     shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], root, env).stdout)
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/evaluate.json", "metrics/finetune.json", "metrics/pretrain.json"} <= set(files)
+    assert {
+        "metrics/evaluate.json",
+        "metrics/finetune/pretrained.json",
+        "metrics/finetune/scratch.json",
+        "metrics/pretrain.json",
+    } <= set(files)
     params = (root / "params.yaml").read_text()
     try:
         (root / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 1"))
         diff = json.loads(sh([sys.executable, "-m", "dvc", "params", "diff", "--json"], root, env).stdout)
         change = diff["params.yaml"]["finetune.epochs"]
         assert (change["old"], change["new"]) == (2, 1)
-        # A finetune param reruns finetune and evaluate only.
+        # A finetune param reruns both finetune variants and evaluate only.
         out = sh([sys.executable, "-m", "dvc", "repro"], root, env).stdout
-        assert re.findall(r"Running stage '(\w+)'", out) == ["finetune", "evaluate"]
+        assert re.findall(r"Running stage '([\w@]+)'", out) == ["finetune@pretrained", "finetune@scratch", "evaluate"]
     finally:
         (root / "params.yaml").write_text(params)
         sh([sys.executable, "-m", "dvc", "repro"], root, env)  # back to the committed state (run cache)
@@ -139,8 +147,11 @@ from mlflow.tracking import MlflowClient
 mlflow.set_tracking_uri("sqlite:///{root / "mlflow.db"}")
 runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("transferpipe-test").experiment_id],
                                   "tags.`dvc.exp_name` = 'fewer-epochs'")
-print(sorted((r.data.tags["transferpipe.stage"], r.info.status, r.data.params.get("finetune.epochs")) for r in runs))
+print(sorted((r.info.run_name, r.info.status, r.data.params.get("finetune.epochs")) for r in runs))
 """
     out = sh([sys.executable, "-c", script], root, env).stdout.strip().splitlines()[-1]
-    assert out == "[('finetune', 'FINISHED', '1')]"
+    assert (
+        out
+        == "[('finetune-pretrained-fewer-epochs', 'FINISHED', '1'), ('finetune-scratch-fewer-epochs', 'FINISHED', '1')]"
+    )
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))

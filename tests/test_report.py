@@ -19,6 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32
 NEW_FINETUNE_RUN = "b" * 32
 EDITED_PRETRAIN_RUN = "c" * 32
+SCRATCH_RUN = "d" * 32
 
 
 def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -33,27 +34,32 @@ def write_state(root: Path, epochs: int, macro_f1: float, steps: int, extra_metr
     params = {"finetune": {"epochs": epochs, "seed": 42}, "tracking": {"enabled": True, "experiment_name": "t"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / "metrics").mkdir(exist_ok=True)
-    test = {"finetuned": {"accuracy": 0.82, "macro_f1": macro_f1}}
+    test = {"pretrained": {"accuracy": 0.82, "macro_f1": macro_f1}}
     if extra_metric:
         test["tfidf_logreg"] = {"macro_f1": 0.9}
     (root / "metrics/evaluate.json").write_text(json.dumps({"test": test}))
-    (root / "metrics/finetune.json").write_text(json.dumps({"train": {"steps": steps}}))
-    for stage in ("pretrain", "finetune"):
+    (root / "metrics/finetune").mkdir(exist_ok=True)
+    (root / "metrics/finetune/pretrained.json").write_text(json.dumps({"train": {"steps": steps}}))
+    for stage in ("pretrain", "finetune/pretrained"):
         (root / "plots" / stage).mkdir(parents=True, exist_ok=True)
         (root / f"plots/{stage}/train.csv").write_text(
             "step,loss,learning_rate\n" + "".join(f"{s},{2.0 / s},0.001\n" for s in range(1, steps, 10))
         )
     (root / "plots/pretrain/eval.csv").write_text("step,epoch,loss,perplexity\n5,0,1.5,4.48\n")
-    (root / "plots/finetune/eval.csv").write_text(
+    (root / "plots/finetune/pretrained/eval.csv").write_text(
         f"step,epoch,loss,accuracy,macro_f1\n10,0,0.9,0.7,0.65\n20,1,0.6,0.82,{macro_f1}\n"
     )
     (root / "plots/evaluate").mkdir(parents=True, exist_ok=True)
     rows = [{"actual": a, "predicted": p} for a, p in [("sport", "sport"), ("tech", "sport"), ("tech", "tech")]]
-    (root / "plots/evaluate/confusion_finetuned.json").write_text(json.dumps(rows))
+    (root / "plots/evaluate/confusion_pretrained.json").write_text(json.dumps(rows))
 
 
 def write_run_ids(root: Path, pretrain: str, finetune: str) -> None:
-    for folder, run_id in (("pretrained", pretrain), ("finetuned", finetune)):
+    for folder, run_id in (
+        ("pretrained", pretrain),
+        ("finetuned/pretrained", finetune),
+        ("finetuned/scratch", SCRATCH_RUN),
+    ):
         (root / "models" / folder).mkdir(parents=True, exist_ok=True)
         (root / "models" / folder / "training_run.json").write_text(json.dumps({"mlflow_run_id": run_id}))
 
@@ -75,7 +81,20 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 
     write_state(root, epochs=3, macro_f1=0.85, steps=50, extra_metric=True)
     write_run_ids(root, NEW_PRETRAIN_RUN, NEW_FINETUNE_RUN)
-    sh([sys.executable, "-m", "dvc", "add", "-q", "models/pretrained", "models/finetuned"], root, env)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "add",
+            "-q",
+            "models/pretrained",
+            "models/finetuned/pretrained",
+            "models/finetuned/scratch",
+        ],
+        root,
+        env,
+    )
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "fewer epochs"], root, env)
     return root, env
@@ -95,18 +114,19 @@ def test_report_against_the_previous_commit(repo: tuple[Path, dict[str, str]]) -
     assert "| `finetune.epochs` | `6` | `3` |" in text
     assert "finetune.seed" not in text
     # Every metric with base, new and delta; a metric only on one side has no delta.
-    assert "| metrics/evaluate.json | `test.finetuned.macro_f1` | 0.8 | 0.85 | +0.05 |" in text
-    assert "| metrics/evaluate.json | `test.finetuned.accuracy` | 0.82 | 0.82 | 0 |" in text
+    assert "| metrics/evaluate.json | `test.pretrained.macro_f1` | 0.8 | 0.85 | +0.05 |" in text
+    assert "| metrics/evaluate.json | `test.pretrained.accuracy` | 0.82 | 0.82 | 0 |" in text
     assert "| metrics/evaluate.json | `test.tfidf_logreg.macro_f1` | — | 0.9 | — |" in text
-    assert "| metrics/finetune.json | `train.steps` | 100 | 50 | -50 |" in text
+    assert "| metrics/finetune/pretrained.json | `train.steps` | 100 | 50 | -50 |" in text
     # Run ids: the working tree's from disk; the base has no DVC outputs, which the report says once.
-    assert f"| finetune | — | `{NEW_FINETUNE_RUN}` |" in text
+    assert f"| finetune (pretrained) | — | `{NEW_FINETUNE_RUN}` |" in text
+    assert f"| finetune (scratch) | — | `{SCRATCH_RUN}` |" in text
     assert f"| pretrain | — | `{NEW_PRETRAIN_RUN}` |" in text
     assert text.count("are not in the DVC cache, so its MLflow run ids are unknown") == 1
 
     # Figures: next to the report, linked by relative path, real PNGs with two panels' worth of width.
     links = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
-    expected = {"pretrain_loss", "finetune_loss", "finetune_macro_f1", "confusion_finetuned"}
+    expected = {"pretrain_loss", "finetune_loss", "finetune_macro_f1", "confusion_pretrained"}
     assert {Path(link).stem for link in links} == expected
     for link in links:
         assert link.startswith("report_images/")
@@ -129,10 +149,10 @@ def test_base_run_ids_come_from_the_dvc_cache(repo: tuple[Path, dict[str, str]])
     text = (root / "same.md").read_text()
     assert "No params changed in params.yaml." in text
     assert f"| pretrain | `{NEW_PRETRAIN_RUN}` | `{EDITED_PRETRAIN_RUN}` |" in text
-    assert f"| finetune | `{NEW_FINETUNE_RUN}` | `{NEW_FINETUNE_RUN}` |" in text
+    assert f"| finetune (pretrained) | `{NEW_FINETUNE_RUN}` | `{NEW_FINETUNE_RUN}` |" in text
     assert "not in the DVC cache" not in text
-    assert "](same_images/confusion_finetuned.png)" in text
-    assert (root / "same_images/confusion_finetuned.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](same_images/confusion_pretrained.png)" in text
+    assert (root / "same_images/confusion_pretrained.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_unknown_base_is_one_line_and_exit_2(repo: tuple[Path, dict[str, str]]) -> None:

@@ -2,32 +2,53 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import shlex
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from stages import evaluate, finetune, prepare, pretrain, tokenize
-from tests.conftest import tiny_params
+from stages import finetune, prepare, pretrain, tokenize
+from tests.conftest import REPO, tiny_params
+
+LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 
 
 def files_in(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+def dvc_commands() -> list[tuple[str, list[str]]]:
+    """(stage module, argv) of every stage in dvc.yaml, in order, foreach stages expanded: the tests run
+    exactly the commands `dvc repro` runs."""
+    commands = []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        if "foreach" in stage:
+            cmds = [stage["do"]["cmd"].replace("${item}", item) for item in stage["foreach"]]
+        else:
+            cmds = [stage["cmd"]]
+        for cmd in cmds:
+            words = shlex.split(cmd)
+            assert words[:2] == ["python", "-m"], cmd
+            commands.append((words[2], words[3:]))
+    return commands
+
+
 def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
-    """The stages up to `through` on params, writing to short paths under d (p, tok, t, m, f); returns the
-    last stage's metrics."""
+    """The stages up to `through` on params, writing to short paths under d (p, tok, t, m, s, f); returns the
+    last stage's metrics (finetune: of the pretrained variant)."""
     order = ["prepare", "tokenize", "pretrain", "finetune"]
     argv = {
         "prepare": ["--out", f"{d}/p", "--stats", f"{d}/s.json"],
         "tokenize": ["--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"],
-        "pretrain": ["--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m",
+        "pretrain": ["--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m", "--scratch", f"{d}/s",
                      "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"],
-        "finetune": ["--data", f"{d}/t", "--pretrained", f"{d}/m", "--out", f"{d}/f",
+        "finetune": ["--data", f"{d}/t", "--encoder", f"{d}/m", "--out", f"{d}/f",
                      "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"],
     }  # fmt: skip
     modules = {"prepare": prepare, "tokenize": tokenize, "pretrain": pretrain, "finetune": finetune}
@@ -37,72 +58,14 @@ def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
 
 
 @pytest.fixture
-def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> Path:
-    """All five stages run once on the tiny CSV; returns the folder holding their outputs."""
-    params = str(tiny_params(tmp_path, prepare={"source": str(tiny_csv)}))
-    d = tmp_path
-    prepare.main(["--params", params, "--out", f"{d}/data/prepared", "--stats", f"{d}/metrics/data.json"])
-    tokenize.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/data/prepared",
-            "--tokenizer",
-            f"{d}/models/tokenizer",
-            "--out",
-            f"{d}/data/tokenized",
-        ]
-    )
-    pretrain.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/data/tokenized",
-            "--tokenizer",
-            f"{d}/models/tokenizer",
-            "--out",
-            f"{d}/models/pretrained",
-            "--metrics",
-            f"{d}/metrics/pretrain.json",
-            "--plots",
-            f"{d}/plots/pretrain",
-        ]
-    )
-    finetune.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/data/tokenized",
-            "--pretrained",
-            f"{d}/models/pretrained",
-            "--out",
-            f"{d}/models/finetuned",
-            "--metrics",
-            f"{d}/metrics/finetune.json",
-            "--plots",
-            f"{d}/plots/finetune",
-        ]
-    )
-    evaluate.main(
-        [
-            "--params",
-            params,
-            "--data",
-            f"{d}/data/prepared",
-            "--tokenized",
-            f"{d}/data/tokenized",
-            "--model",
-            f"{d}/models/finetuned",
-            "--metrics",
-            f"{d}/metrics/evaluate.json",
-            "--plots",
-            f"{d}/plots/evaluate",
-        ]
-    )
-    return d
+def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every command of dvc.yaml run once, in a folder holding the tiny profile as params.yaml and the tiny
+    CSV as the source; returns that folder."""
+    tiny_params(tmp_path, prepare={"source": str(tiny_csv)})
+    monkeypatch.chdir(tmp_path)
+    for module, argv in dvc_commands():
+        importlib.import_module(module).main(argv)
+    return tmp_path
 
 
 def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
@@ -115,9 +78,7 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         "class_counts.json",
         "labels.json",
     }
-    assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(
-        ["business", "sport", "tech", "politics", "entertainment"]
-    )
+    assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(LABELS)
     tokenized = files_in(d / "data/tokenized")
     assert {"dataset_dict.json", "labels.json"} <= tokenized
     assert {p.split("/")[0] for p in tokenized if "/" in p} == {
@@ -128,25 +89,59 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         "test",
     }
     assert files_in(d / "models/tokenizer") == {"tokenizer.json", "tokenizer_config.json"}
-    for model in ("pretrained", "finetuned"):
-        assert files_in(d / "models" / model) == {
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "training_run.json",
-        }
+    model_files = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training_run.json"}
+    for model in ("pretrained", "scratch", "finetuned/pretrained", "finetuned/scratch"):
+        assert files_in(d / "models" / model) == model_files, model
+    assert set(files_in(d / "models/finetuned")) == {f"{v}/{f}" for v in ("pretrained", "scratch") for f in model_files}
     assert files_in(d / "plots/pretrain") == {"train.csv", "eval.csv"}
-    assert files_in(d / "plots/finetune") == {"train.csv", "eval.csv"}
-    assert files_in(d / "plots/evaluate") == {
-        "confusion_finetuned.json",
-        "confusion_tfidf_logreg.json",
-        "per_class_finetuned.json",
-        "per_class_tfidf_logreg.json",
+    assert files_in(d / "plots/finetune") == {
+        f"{v}/{f}" for v in ("pretrained", "scratch") for f in ("train.csv", "eval.csv")
     }
-    assert files_in(d / "metrics") == {"data.json", "pretrain.json", "finetune.json", "evaluate.json"}
+    assert files_in(d / "plots/evaluate") == {
+        "models.json",
+        *(
+            f"{kind}_{model}.json"
+            for kind in ("confusion", "per_class")
+            for model in ("pretrained", "scratch", "tfidf_logreg")
+        ),
+    }
+    assert files_in(d / "metrics") == {
+        "data.json",
+        "pretrain.json",
+        "finetune/pretrained.json",
+        "finetune/scratch.json",
+        "evaluate.json",
+    }
     # No temporary siblings are left behind by the atomic writes.
     assert not [p for p in d.rglob(".*.tmp")]
+
+
+def test_scratch_is_the_pretrained_encoders_own_starting_point(tmp_path: Path, pipeline_dir: Path) -> None:
+    """With no checkpoint, models/scratch holds exactly the weights pretraining started from: rebuilding the
+    encoder with the same seed (pretrain.enabled false skips training) reproduces them bit for bit."""
+    from transformers import AutoModelForMaskedLM
+
+    d = pipeline_dir
+    (tmp_path / "again").mkdir()
+    params = str(tiny_params(tmp_path / "again", prepare={"source": "unused"}, pretrain={"enabled": False}))
+    pretrain.main(
+        ["--params", params, "--data", f"{d}/data/tokenized", "--tokenizer", f"{d}/models/tokenizer",
+         "--out", f"{d}/again/m", "--scratch", f"{d}/again/s", "--metrics", f"{d}/again/m.json",
+         "--plots", f"{d}/again/pl"]
+    )  # fmt: skip
+    scratch = AutoModelForMaskedLM.from_pretrained(d / "models/scratch").state_dict()
+    untrained = AutoModelForMaskedLM.from_pretrained(d / "again/m").state_dict()
+    pretrained = AutoModelForMaskedLM.from_pretrained(d / "models/pretrained").state_dict()
+    assert scratch.keys() == untrained.keys()
+    assert all(torch_equal(scratch[k], untrained[k]) for k in scratch)
+    assert not all(torch_equal(scratch[k], pretrained[k]) for k in scratch)  # pretraining changed the weights
+    assert json.loads((d / "models/scratch/training_run.json").read_text()) == {"mlflow_run_id": None}
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
@@ -156,19 +151,24 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
     pre = json.loads((d / "metrics/pretrain.json").read_text())
     assert math.isfinite(pre["eval"]["loss"]) and pre["eval"]["perplexity"] > 1
     assert pre["train"]["steps"] == 6
-    fine = json.loads((d / "metrics/finetune.json").read_text())
-    assert 0 <= fine["validation"]["macro_f1"] <= 1
+    for variant in ("pretrained", "scratch"):
+        fine = json.loads((d / f"metrics/finetune/{variant}.json").read_text())
+        assert 0 <= fine["validation"]["macro_f1"] <= 1
     ev = json.loads((d / "metrics/evaluate.json").read_text())
-    for model in ("finetuned", "tfidf_logreg"):
+    assert list(ev["test"]) == ["pretrained", "scratch", "tfidf_logreg"]
+    for model in ("pretrained", "scratch", "tfidf_logreg"):
         scores = ev["test"][model]
         assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["macro_f1"] <= 1
         assert set(scores) == {"accuracy", "macro_f1"}
         per_class = json.loads((d / f"plots/evaluate/per_class_{model}.json").read_text())
-        assert {r["label"] for r in per_class} == {"business", "sport", "tech", "politics", "entertainment"}
+        assert {r["label"] for r in per_class} == LABELS
         assert sum(r["support"] for r in per_class) == 12
+    # One row per model for the side-by-side bar plot, the same numbers as the metrics file.
+    rows = json.loads((d / "plots/evaluate/models.json").read_text())
+    assert rows == [{"model": m, **ev["test"][m]} for m in ("pretrained", "scratch", "tfidf_logreg")]
     # The baseline separates these synthetic topics easily: a sanity check of the evaluation itself.
     assert ev["test"]["tfidf_logreg"]["accuracy"] >= 0.8
-    rows = json.loads((d / "plots/evaluate/confusion_finetuned.json").read_text())
+    rows = json.loads((d / "plots/evaluate/confusion_pretrained.json").read_text())
     assert len(rows) == 12 and set(rows[0]) == {"actual", "predicted"}
     curve = (d / "plots/pretrain/eval.csv").read_text().splitlines()
     assert curve[0] == "step,epoch,loss,perplexity" and [r.split(",")[0] for r in curve[1:]] == ["3", "6"]
@@ -177,33 +177,48 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
 def test_finetuned_model_predicts_label_names_with_transformers_pipeline(pipeline_dir: Path) -> None:
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=str(pipeline_dir / "models/finetuned"))
+    clf = pipeline("text-classification", model=str(pipeline_dir / "models/finetuned/pretrained"))
     out = clf(["bank shares market profit", "match goal team player"])
-    assert {o["label"] for o in out} <= {"business", "sport", "tech", "politics", "entertainment"}
+    assert {o["label"] for o in out} <= LABELS
 
 
-def test_mlflow_holds_both_runs_linked_with_histories_and_a_pyfunc_model(pipeline_dir: Path) -> None:
+def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline_dir: Path) -> None:
     client = MlflowClient()
     exp = client.get_experiment_by_name("transferpipe-test")
-    runs = {r.data.tags["transferpipe.stage"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"pretrain", "finetune"}
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"pretrain", "finetune-pretrained", "finetune-scratch"}
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    pre, fine = runs["pretrain"], runs["finetune"]
+    pre, fine, scratch = runs["pretrain"], runs["finetune-pretrained"], runs["finetune-scratch"]
+    assert fine.data.tags["transferpipe.stage"] == scratch.data.tags["transferpipe.stage"] == "finetune"
+    assert (fine.data.tags["transferpipe.variant"], scratch.data.tags["transferpipe.variant"]) == (
+        "pretrained",
+        "scratch",
+    )
     assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
-    assert json.loads((pipeline_dir / "models/finetuned/training_run.json").read_text()) == {
+    assert "transferpipe.pretrain_run_id" not in scratch.data.tags
+    # Only the pretrained variant is registered; the scratch baseline is logged, not a registry candidate.
+    assert json.loads((pipeline_dir / "models/finetuned/pretrained/training_run.json").read_text()) == {
         "mlflow_run_id": fine.info.run_id,
         "model_version": "1",
     }
+    assert json.loads((pipeline_dir / "models/finetuned/scratch/training_run.json").read_text()) == {
+        "mlflow_run_id": scratch.info.run_id,
+        "model_version": None,
+    }
+    assert [str(v.version) for v in client.search_model_versions("name = 'transferpipe-test-classifier'")] == ["1"]
     assert pre.data.params["pretrain.max_steps"] == "6"
     assert fine.data.params["finetune.head_learning_rate"] == "0.001"
     assert len(client.get_metric_history(pre.info.run_id, "train/loss")) >= 1
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "eval/loss")][:2] == [3, 6]
     assert len(client.get_metric_history(fine.info.run_id, "eval/macro_f1")) >= 1
-    # evaluate added the test metrics to the finetune run
-    assert "test/macro_f1" in fine.data.metrics and "test/tfidf_logreg_macro_f1" in fine.data.metrics
+    # evaluate added each model's test metrics (and the baseline's) to its finetune run
+    ev = json.loads((pipeline_dir / "metrics/evaluate.json").read_text())["test"]
+    for run, variant in ((fine, "pretrained"), (scratch, "scratch")):
+        assert run.data.metrics["test/macro_f1"] == pytest.approx(ev[variant]["macro_f1"])
+        assert run.data.metrics["test/tfidf_logreg_macro_f1"] == pytest.approx(ev["tfidf_logreg"]["macro_f1"])
     model = mlflow.pyfunc.load_model(f"runs:/{fine.info.run_id}/model")
     pred = model.predict(["bank shares market profit economy", "film music star award"])
-    assert set(pred["label"]) <= {"business", "sport", "tech", "politics", "entertainment"}
+    assert set(pred["label"]) <= LABELS
     assert len(pred) == 2
 
 
@@ -261,7 +276,7 @@ def test_start_from_a_local_checkpoint_with_pretraining_skipped(
             params,
             "--data",
             f"{d}/t",
-            "--pretrained",
+            "--encoder",
             f"{d}/m",
             "--out",
             f"{d}/f",
@@ -287,7 +302,7 @@ def test_failing_finetune_leaves_its_run_failed_and_no_output(
                 params,
                 "--data",
                 f"{d}/data/tokenized",
-                "--pretrained",
+                "--encoder",
                 f"{d}/models/pretrained",
                 "--out",
                 f"{d}/models/again",

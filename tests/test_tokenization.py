@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tests.conftest import make_corpus
+from stages import prepare, tokenize
+from tests.conftest import make_corpus, tiny_params
+from transferpipe.data import parquet_as_dataset
 from transferpipe.errors import UserError
 from transferpipe.tokenization import (
     SPECIAL_TOKENS,
     load_tokenizer,
     pack_blocks,
+    text_batches,
     tokenize_for_classification,
     train_wordpiece,
 )
@@ -110,3 +115,71 @@ def test_classification_inputs_are_truncated_not_padded(texts: list[str], tokeni
     assert all(tokenizer.pad_token_id not in ids for ids in ds["input_ids"])
     assert all(ids[-1] == tokenizer.sep_token_id for ids in ds["input_ids"])  # truncation keeps [SEP]
     assert ds["labels"] == labels + [0]
+
+
+def test_classification_truncation_matches_the_tokenizers_own(
+    texts: list[str], tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Truncation is done on the ids of whole documents; it must equal tokenizer(..., truncation=True)."""
+    long_texts = texts + [" ".join(texts[:5]), "Short."]
+    for max_length in (3, 8, 20, 512):
+        ds = tokenize_for_classification(tokenizer, long_texts, [0] * len(long_texts), max_length)
+        expected = tokenizer(long_texts, truncation=True, max_length=max_length)
+        assert ds["input_ids"] == expected["input_ids"]
+        assert ds["attention_mask"] == expected["attention_mask"]
+    assert ds.features["input_ids"].feature.dtype == "int32"  # the types datasets gives tokenizer output
+    assert ds.features["attention_mask"].feature.dtype == "int8"
+
+
+def test_num_proc_does_not_change_the_output(tokenizer: PreTrainedTokenizerFast) -> None:
+    texts = [row["text"] for row in make_corpus(n_per_class=500)]  # 2500 documents: shards not on batch edges
+    labels = [i % 5 for i in range(len(texts))]
+    for num_proc in (2, 3):
+        assert pack_blocks(tokenizer, texts, 16, num_proc).to_dict() == pack_blocks(tokenizer, texts, 16).to_dict()
+        parallel = tokenize_for_classification(tokenizer, texts, labels, 12, num_proc)
+        assert parallel.to_dict() == tokenize_for_classification(tokenizer, texts, labels, 12).to_dict()
+
+
+def test_a_prepared_corpus_streams_through_memory_mapped_files(tmp_path: Path, texts: list[str]) -> None:
+    """Parquet in, Arrow files out: the text is read batch by batch and tokenized to files in the scratch folder."""
+    pd.DataFrame({"text": texts * 30}).to_parquet(tmp_path / "unlabeled.parquet")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ds = parquet_as_dataset(tmp_path / "unlabeled.parquet", scratch)
+    assert ds.column_names == ["text"] and len(ds) == len(texts) * 30
+    assert ds.cache_files and all(Path(f["filename"]).parent == scratch for f in ds.cache_files)
+    batches = list(text_batches([ds], batch_size=1000))
+    assert [len(b) for b in batches] == [1000] * (len(ds) // 1000) + ([len(ds) % 1000] if len(ds) % 1000 else [])
+    # Trained from batches of the Arrow file. (The vocabulary itself is not compared with one trained from a
+    # list: the WordPiece trainer breaks ties between equal counts differently from run to run.)
+    tokenizer = train_wordpiece(text_batches([ds]), vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    assert 50 < len(tokenizer) <= VOCAB_SIZE
+    assert tokenizer.unk_token_id not in tokenizer("Bank shares rose in the market")["input_ids"]
+    blocks = pack_blocks(tokenizer, ds, 16)
+    assert blocks.cache_files and all(Path(f["filename"]).parent == scratch for f in blocks.cache_files)
+    assert blocks["input_ids"] == pack_blocks(tokenizer, texts * 30, 16)["input_ids"]
+
+
+def test_tokenize_stage_with_unlabeled_text_and_num_proc(tmp_path: Path, tiny_csv: Path) -> None:
+    """The stage reads the prepared Parquet files as Arrow; num_proc 2 writes what in-process tokenizing writes."""
+    extra = tmp_path / "extra.txt"
+    extra.write_text("\n".join(row["text"] + " extra" for row in make_corpus(n_per_class=40, seed=1)), "utf-8")
+    params = tiny_params(tmp_path, prepare={"source": str(tiny_csv), "unlabeled_source": str(extra)})
+    prepare.main(["--params", str(params), "--out", f"{tmp_path}/p", "--stats", f"{tmp_path}/s.json"])
+    first = tokenize.main(["--params", str(params), "--data", f"{tmp_path}/p", "--tokenizer", f"{tmp_path}/tok",
+                           "--out", f"{tmp_path}/t"])  # fmt: skip
+    outputs = {}
+    for num_proc in (None, 2):  # the trained tokenizer's ids are not bitwise reproducible run to run: reuse it
+        p = tiny_params(tmp_path, prepare={"source": str(tiny_csv), "unlabeled_source": str(extra)},
+                        tokenize={"num_proc": num_proc}, model={"checkpoint": f"{tmp_path}/tok"})  # fmt: skip
+        summary = tokenize.main(["--params", str(p), "--data", f"{tmp_path}/p", "--tokenizer", f"{tmp_path}/tok2",
+                                 "--out", f"{tmp_path}/t{num_proc}"])  # fmt: skip
+        assert summary == first
+        outputs[num_proc] = datasets.load_from_disk(f"{tmp_path}/t{num_proc}")
+    reference = datasets.load_from_disk(f"{tmp_path}/t")
+    for split in reference:
+        assert outputs[2][split].to_dict() == outputs[None][split].to_dict() == reference[split].to_dict()
+    # The unlabeled documents (about 240 of 20 tokens each) are in the packed pretraining text.
+    train_tokens = sum(len(ids) for ids in reference["train"]["input_ids"])
+    assert first["pretraining_tokens"] > train_tokens + 200 * 16
+    assert not list(tmp_path.glob(".t*.scratch"))  # the scratch folder is gone

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from transferpipe.errors import UserError
 from transferpipe.tracking import Run
-from transferpipe.training import fit, make_optimizer, seed_everything
+from transferpipe.training import fit, make_optimizer, seed_everything, train_loader
 
 
 class Regressor(nn.Module):
@@ -91,3 +92,53 @@ def test_curves_are_written_as_csv(tmp_path: Path) -> None:
     assert train[0] == "step,loss,learning_rate" and len(train) == 9
     evals = (tmp_path / "curves" / "eval.csv").read_text().splitlines()
     assert evals[0] == "step,epoch,loss,score" and evals[1].startswith("4,0,") and evals[2].startswith("8,1,")
+
+
+def test_compiled_training_matches_eager_and_keeps_plain_state_dict_keys() -> None:
+    """torch.compile (inductor, on this CPU) trains the same numbers; best-weights restore and saving use the
+    model itself, so its keys carry no `_orig_mod.` prefix."""
+    seed_everything(0)
+    eager, _ = run_fit(Regressor(), [0.1, 0.5, 0.3], monitor="score")
+    seed_everything(0)
+    model = Regressor()
+    compiled, seen = run_fit(model, [0.1, 0.5, 0.3], monitor="score", torch_compile=True)
+    assert [r["loss"] for r in compiled.train_rows] == pytest.approx([r["loss"] for r in eager.train_rows], rel=1e-4)
+    assert list(model.state_dict()) == ["linear.weight", "linear.bias"]
+    assert compiled.best["step"] == 8 and torch.equal(model.linear.weight, seen[1]["linear.weight"])
+
+
+def test_train_loader_workers_give_the_same_batches_and_every_epoch_a_new_order() -> None:
+    rows = [{"input_ids": torch.tensor([i])} for i in range(12)]
+
+    def epochs(num_workers: int) -> list[list[int]]:
+        loader = train_loader(
+            rows,
+            batch_size=4,
+            seed=0,
+            num_workers=num_workers,
+            collate_fn=default_collate,
+            device=torch.device("cpu"),
+            section="pretrain",
+        )
+        order = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)  # as fit() does
+            order.append([int(i) for batch in loader for i in batch["input_ids"]])
+        return order
+
+    in_process = epochs(0)
+    assert epochs(2) == in_process
+    assert sorted(in_process[0]) == list(range(12)) and in_process[0] != in_process[1]
+
+
+def test_train_loader_rejects_negative_workers() -> None:
+    with pytest.raises(UserError, match="finetune.num_workers=-1"):
+        train_loader(
+            [1],
+            batch_size=1,
+            seed=0,
+            num_workers=-1,
+            collate_fn=default_collate,
+            device=torch.device("cpu"),
+            section="finetune",
+        )

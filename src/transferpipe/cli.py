@@ -1,8 +1,10 @@
-"""The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs) and `compare`
-(MLflow finetune runs side by side). Mistakes print one line, `error: ...`, and exit 2.
+"""The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs), `compare`
+(MLflow finetune runs side by side) and `label-efficiency` (a labels-per-class sweep of DVC experiments as a
+table and a plot). Mistakes print one line, `error: ...`, and exit 2.
 
     transferpipe report --base main --out report.md --images-dir report_images
     transferpipe compare --csv runs.csv --markdown runs.md
+    transferpipe label-efficiency --out reports/label_efficiency
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     compare.add_argument("--csv", type=Path, help="also write the table as CSV (every param that differs, run ids)")
     compare.add_argument("--markdown", type=Path, help="also write the table as Markdown")
+
+    sweep = sub.add_parser(
+        "label-efficiency", help="test macro-F1 against finetune.labels_per_class from finished DVC experiments"
+    )
+    sweep.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/label_efficiency"),
+        help="folder for label_efficiency.csv, .md and .png (default: reports/label_efficiency)",
+    )
     return parser
 
 
@@ -54,9 +66,16 @@ def _compare(args: argparse.Namespace) -> None:
     print(compare(experiment, csv=args.csv, markdown=args.markdown))
 
 
+def _label_efficiency(args: argparse.Namespace) -> None:
+    from transferpipe.label_efficiency import label_efficiency
+    from transferpipe.report import repo_root_of
+
+    print(label_efficiency(repo_root_of(Path.cwd()), args.out))
+
+
 def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"report": _report, "compare": _compare}
+    handlers = {"report": _report, "compare": _compare, "label-efficiency": _label_efficiency}
     handlers[args.command](args)
 
 

@@ -1,8 +1,8 @@
 """The finetune runs of an MLflow experiment side by side: which params differ, and the key test metrics.
 
-One row per run (oldest first): run name, DVC experiment name, short git commit, status, then only the params
-whose values differ between the runs (equal ones say nothing about the differences in the metrics), then the
-headline metrics. The tracking URI is the one the stages use (transferpipe.tracking.tracking_uri()).
+One row per run (oldest first): run name, variant (pretrained or scratch), DVC experiment name, short git commit,
+status, then only the params whose values differ between the runs (equal ones say nothing about the differences in
+the metrics), then the headline metrics. The tracking URI is the one the stages use (tracking.tracking_uri()).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transferpipe.tracking import tracking_uri
 
 STAGE_TAG = "transferpipe.stage"
 METRICS = ["test/macro_f1", "test/accuracy", "test/tfidf_logreg_macro_f1", "best/validation_macro_f1"]
-RUN_COLUMNS = ["run", "dvc.exp_name", "commit", "status"]
+RUN_COLUMNS = ["run", "variant", "dvc.exp_name", "commit", "status"]
 
 
 def finetune_runs(experiment_name: str, uri: str | None = None) -> Any:
@@ -58,6 +58,7 @@ def comparison_table(runs: Any) -> tuple[Any, list[str]]:
         {
             "run": tag("mlflow.runName"),
             "run_id": runs["run_id"],
+            "variant": tag("transferpipe.variant"),
             "dvc.exp_name": tag("dvc.exp_name"),
             "commit": tag("mlflow.source.git.commit").map(lambda c: c[:7] if isinstance(c, str) else None),
             "status": runs["status"],

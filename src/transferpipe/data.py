@@ -16,6 +16,8 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
 from transferpipe.errors import UserError
@@ -229,3 +231,26 @@ def read_prepared(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str], lis
     unlabeled = pd.read_parquet(folder / "unlabeled.parquet")["text"].tolist()
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     return splits, labels, unlabeled
+
+
+def parquet_as_dataset(path: Path, scratch: Path) -> datasets.Dataset:
+    """A Parquet file as a memory-mapped Arrow dataset: copied into an Arrow file in `scratch` one record batch
+    at a time, so a file larger than memory never has to fit in it."""
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow.remove_metadata()  # pandas' index metadata means nothing here
+    arrow_path = Path(scratch) / f"{Path(path).stem}.arrow"
+    with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in parquet.iter_batches(batch_size=10_000):
+            writer.write_batch(batch.replace_schema_metadata(None))
+    return datasets.Dataset.from_file(str(arrow_path))
+
+
+def open_prepared(folder: Path, scratch: Path) -> tuple[dict[str, datasets.Dataset], list[str], datasets.Dataset]:
+    """read_prepared for corpora larger than memory: the splits and the unlabeled text as memory-mapped
+    datasets (columns text, label / text) whose Arrow files live in `scratch`."""
+    folder = Path(folder)
+    if not (folder / "labels.json").is_file():
+        raise UserError(f"{folder} holds no prepared data; run the prepare stage first (dvc repro prepare)")
+    splits = {name: parquet_as_dataset(folder / f"{name}.parquet", scratch) for name in SPLITS}
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    return splits, labels, parquet_as_dataset(folder / "unlabeled.parquet", scratch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datasets
 import numpy as np
 import torch
@@ -9,21 +11,23 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
+from transferpipe import distributed
 from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
 from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
 from transferpipe.params import FinetuneParams
 from transferpipe.tracking import Run
-from transferpipe.training import FitResult, fit, make_optimizer
+from transferpipe.training import FitResult, fit, make_optimizer, train_loader
 
 
-def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, seed: int) -> datasets.Dataset:
-    """At most labels_per_class examples of each class, drawn with a seeded generator ("all": all of them)."""
+def per_class_indices(labels: Sequence[int], labels_per_class: int | str, seed: int) -> list[int]:
+    """Sorted indices of at most labels_per_class examples of each class, drawn with a seeded generator
+    ("all": every index). The fine-tuned models and the evaluate stage's baseline draw the same ones."""
     if labels_per_class == "all":
-        return train
+        return list(range(len(labels)))
     if labels_per_class < 1:
         raise UserError(f"params finetune.labels_per_class={labels_per_class} must be at least 1 or 'all'")
-    labels = np.asarray(train["labels"])
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     keep = [
         i
@@ -32,7 +36,14 @@ def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, se
             np.flatnonzero(labels == label), min(labels_per_class, int((labels == label).sum())), replace=False
         )
     ]
-    return train.select(sorted(int(i) for i in keep))
+    return sorted(int(i) for i in keep)
+
+
+def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, seed: int) -> datasets.Dataset:
+    """At most labels_per_class examples of each class (see per_class_indices)."""
+    if labels_per_class == "all":
+        return train
+    return train.select(per_class_indices(train["labels"], labels_per_class, seed))
 
 
 def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> DataCollatorWithPadding:
@@ -57,6 +68,8 @@ def predict_logits(
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(**batch).logits.float().cpu())
+    if not out:  # an empty shard of a small validation set under torchrun
+        return np.empty((0, model.config.num_labels), dtype=np.float32)
     return torch.cat(out).numpy()
 
 
@@ -77,13 +90,14 @@ def finetune(
     train = train.select_columns(
         [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
     )
-    loader = DataLoader(
+    loader = train_loader(
         train,
         batch_size=params.batch_size,
-        shuffle=True,
+        seed=params.seed,
+        num_workers=params.num_workers,
         collate_fn=collator,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(params.seed),
+        device=device,
+        section="finetune",
     )
     groups = param_groups(
         model, params.encoder_learning_rate, params.head_learning_rate, params.weight_decay, params.layer_lr_decay
@@ -97,12 +111,15 @@ def finetune(
         return F.cross_entropy(logits, batch["labels"], label_smoothing=params.label_smoothing)
 
     def evaluate() -> dict[str, float]:
-        logits = predict_logits(model, validation, collator, params.batch_size * 2, device)
+        # Each rank predicts its contiguous share; gathered in rank order, every rank scores all of validation.
+        shard = validation.select(distributed.shard_range(len(validation)))
+        logits = distributed.gather_concat(predict_logits(model, shard, collator, params.batch_size * 2, device))
         labels = np.asarray(validation["labels"])
         loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
         scores = classification_metrics(labels, logits.argmax(-1), label_names)
         return {"loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
+    distributed.seed_rank(params.seed)  # each rank its own dropout masks
     return fit(
         model,
         loader,
@@ -120,4 +137,5 @@ def finetune(
         on_epoch=gradual_unfreezing(model) if params.gradual_unfreezing else None,
         log_every=max(1, min(10, len(loader) // 2)),
         desc="finetune",
+        torch_compile=params.torch_compile,
     )

@@ -1,8 +1,11 @@
-"""Models from transformers' own classes: the MLM encoder, the sequence classifier, and their parameter groups.
+"""Models through transformers' Auto classes: the pretraining model, the sequence classifier, and their
+parameter groups.
 
 The default encoder is ModernBERT-style (pre-LayerNorm, rotary positions, GeGLU) with the MLM loss
 computed on masked positions only (`sparse_prediction`), which on a CPU runs about 1.5x more tokens per
 second than a post-LayerNorm BERT of the same size that projects every position onto the vocabulary.
+`architecture: lstm` is ULMFiT's recipe instead (transferpipe.lstm): a next-token LSTM language model,
+fine-tuned with the same heads-and-layers machinery below.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     BertConfig,
@@ -24,10 +28,19 @@ from transformers import (
 )
 
 from transferpipe.errors import UserError
+from transferpipe.lstm import LSTMConfig, LSTMForCausalLM
 from transferpipe.params import ModelParams
 
 
 def new_encoder_config(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    if params.architecture == "lstm":
+        # The embedding is hidden_size wide too, so the output projection is tied to it (ULMFiT).
+        return LSTMConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=params.hidden_size,
+            num_hidden_layers=params.num_hidden_layers,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if params.hidden_size % params.num_attention_heads:
         raise UserError(
             f"params model.hidden_size {params.hidden_size} must be a multiple of "
@@ -55,17 +68,43 @@ def new_encoder_config(params: ModelParams, tokenizer: PreTrainedTokenizerBase) 
     )
 
 
-def masked_lm(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A new encoder sized by params, or the checkpoint's MLM model for continued pretraining."""
+def _pretraining_auto_class(config: PretrainedConfig) -> type:
+    return AutoModelForCausalLM if isinstance(config, LSTMConfig) else AutoModelForMaskedLM
+
+
+def pretraining_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A new model sized by params, or the checkpoint's, with its pretraining head: a masked-LM head on a
+    transformer encoder, a next-token head on the LSTM (see is_causal_lm)."""
     if params.checkpoint is None:
-        return AutoModelForMaskedLM.from_config(new_encoder_config(params, tokenizer))
+        config = new_encoder_config(params, tokenizer)
+        return _pretraining_auto_class(config).from_config(config)
     try:
-        model = AutoModelForMaskedLM.from_pretrained(params.checkpoint)
+        config = AutoConfig.from_pretrained(params.checkpoint)
+        model = _pretraining_auto_class(config).from_pretrained(params.checkpoint)
     except (OSError, ValueError) as exc:
-        raise UserError(f"could not load an MLM model from {params.checkpoint!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"could not load a model to pretrain from {params.checkpoint!r}: {str(exc).splitlines()[0]}"
+        ) from None
     if hasattr(model.config, "sparse_prediction"):
         model.config.sparse_prediction = True
     return model
+
+
+def untrained_copy(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """The same architecture and config with fresh random weights: the from-scratch baseline.
+
+    Seeded the way the pretraining stage seeds before building a new model, so for a model built from
+    params (not a checkpoint) this is exactly the pretrained model's starting point. The global RNG is left
+    as it was, so pretraining draws the same batches and masks with or without the copy.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return type(model)(model.config)
+
+
+def is_causal_lm(model: PreTrainedModel) -> bool:
+    """Pretrained on next-token prediction (labels = the inputs, shifted inside the model), not on masks."""
+    return isinstance(model, LSTMForCausalLM)
 
 
 def sequence_classifier(
@@ -89,7 +128,7 @@ def encoder_of(model: PreTrainedModel) -> nn.Module:
 
 
 def encoder_layers(model: PreTrainedModel) -> list[nn.Module]:
-    """The transformer blocks, lowest first (BERT: encoder.layer; ModernBERT: layers)."""
+    """The transformer blocks, lowest first (BERT: encoder.layer; ModernBERT: layers; LSTM: layers)."""
     encoder = encoder_of(model)
     if hasattr(encoder, "layers"):
         return list(encoder.layers)

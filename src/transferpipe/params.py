@@ -44,7 +44,8 @@ class PrepareParams:
 class ModelParams:
     # A save_pretrained folder or hub name to start from; None builds a new encoder from the sizes below.
     checkpoint: str | None = None
-    architecture: Literal["modernbert", "bert"] = "modernbert"
+    # lstm: ULMFiT-style LSTM language model (hidden_size, num_hidden_layers; no attention or positions)
+    architecture: Literal["modernbert", "bert", "lstm"] = "modernbert"
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -59,6 +60,9 @@ class TokenizeParams:
     lowercase: bool = True
     max_length: int = 256  # classification inputs are truncated to this many tokens
     block_size: int = 128  # pretraining text is packed into blocks of exactly this many tokens
+    # Worker processes for tokenizing (datasets.map); None or 1 tokenizes in-process (the fast tokenizer still
+    # uses every core for each batch). Output is identical whatever the value.
+    num_proc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class PretrainParams:
     eval_every: int = 100
     eval_blocks: int = 256  # held-out blocks scored at each evaluation (the first N, fixed masks)
     seed: int = 42
+    torch_compile: bool = False  # torch.compile the model for training (pays a compile at the start)
+    num_workers: int = 0  # DataLoader worker processes preparing batches (and MLM masks) per training process
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class FinetuneParams:
     early_stopping_patience: int = 3  # epochs without a better validation macro-F1
     max_grad_norm: float = 1.0
     seed: int = 42
+    torch_compile: bool = False  # torch.compile the model for training (recompiles for new padded lengths)
+    num_workers: int = 0  # DataLoader worker processes per training process
 
 
 @dataclass(frozen=True)

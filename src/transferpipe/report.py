@@ -31,7 +31,11 @@ from transferpipe.io import write_text_atomic
 PARAMS_FILE = "params.yaml"
 METRICS_DIR = "metrics"
 EVALUATE_PLOTS_DIR = "plots/evaluate"
-RUN_FILES = {"pretrain": "models/pretrained/training_run.json", "finetune": "models/finetuned/training_run.json"}
+RUN_FILES = {
+    "pretrain": "models/pretrained/training_run.json",
+    "finetune (pretrained)": "models/finetuned/pretrained/training_run.json",
+    "finetune (scratch)": "models/finetuned/scratch/training_run.json",
+}
 MISSING = "—"
 
 # (file name, title, [(csv path, column, series label)], y label); missing files or columns are skipped.
@@ -45,13 +49,21 @@ CURVES = [
     (
         "finetune_loss.png",
         "Fine-tuning loss",
-        [("plots/finetune/train.csv", "loss", "train"), ("plots/finetune/eval.csv", "loss", "validation")],
+        [
+            ("plots/finetune/pretrained/train.csv", "loss", "pretrained, train"),
+            ("plots/finetune/pretrained/eval.csv", "loss", "pretrained, validation"),
+            ("plots/finetune/scratch/train.csv", "loss", "scratch, train"),
+            ("plots/finetune/scratch/eval.csv", "loss", "scratch, validation"),
+        ],
         "loss",
     ),
     (
         "finetune_macro_f1.png",
         "Fine-tuning validation macro-F1",
-        [("plots/finetune/eval.csv", "macro_f1", "validation")],
+        [
+            ("plots/finetune/pretrained/eval.csv", "macro_f1", "pretrained"),
+            ("plots/finetune/scratch/eval.csv", "macro_f1", "scratch"),
+        ],
         "macro-F1",
     ),
 ]
@@ -147,7 +159,7 @@ def _load_yaml(text: str | None) -> dict[str, Any]:
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys: {"test": {"finetuned": {"macro_f1": x}}} -> {"test.finetuned.macro_f1": x}."""
+    """Nested mappings as dotted keys: {"test": {"pretrained": {"macro_f1": x}}} -> {"test.pretrained.macro_f1": x}."""
     if not isinstance(data, dict):
         return {prefix: data} if prefix else {}
     flat: dict[str, Any] = {}

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -19,9 +22,12 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(
-    texts: Iterable[str], vocab_size: int, min_frequency: int, lowercase: bool
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int, lowercase: bool
 ) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer trained with the `tokenizers` library (Rust, batched)."""
+    """A BERT-style WordPiece tokenizer trained with the `tokenizers` library (Rust, batched).
+
+    `texts` may be an iterator of batches (text_batches): the trainer keeps word counts, never the corpus.
+    """
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -47,6 +53,13 @@ def train_wordpiece(
     )
 
 
+def text_batches(parts: Iterable[datasets.Dataset], batch_size: int = 1000) -> Iterator[list[str]]:
+    """The `text` column of each dataset in turn, batch_size texts at a time (read from its Arrow file)."""
+    for part in parts:
+        for batch in part.select_columns(["text"]).iter(batch_size=batch_size):
+            yield batch["text"]
+
+
 def load_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -60,35 +73,165 @@ def load_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def pack_blocks(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], block_size: int, num_proc: int | None = None
-) -> datasets.Dataset:
-    """Tokenize whole documents ([CLS] doc [SEP]), concatenate them and cut blocks of block_size tokens.
+# Documents per map batch: the unit of packing (each batch drops its own tail of under block_size tokens, as in
+# run_mlm.py) and of the memory a batch takes while it is tokenized.
+BATCH_DOCUMENTS = 1000
 
-    As in transformers' run_mlm.py, grouping runs per batch of 1000 documents, so memory stays bounded
-    and each batch drops its tail shorter than one block (under block_size tokens per 1000 documents).
+
+def fast_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """A copy of the Rust tokenizer behind a fast tokenizer, with no truncation or padding set (None if slow).
+
+    A copy, because transformers sets truncation and padding on its backend per call; the copy pickles, so
+    datasets.map workers get it too.
     """
-    ds = datasets.Dataset.from_dict({"text": texts})
+    if not tokenizer.is_fast:
+        return None
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
-    def tokenize(batch: dict) -> dict:
-        return tokenizer(batch["text"], add_special_tokens=True, return_attention_mask=False)
 
-    def group(batch: dict) -> dict:
-        ids = [t for doc in batch["input_ids"] for t in doc]
-        n = (len(ids) // block_size) * block_size
-        return {"input_ids": [ids[i : i + block_size] for i in range(0, n, block_size)]}
+def encode_documents(
+    tokenizer: PreTrainedTokenizerBase, backend: Tokenizer | None, texts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole documents with their special tokens as (offsets (n+1,), ids (total,)): document i is
+    ids[offsets[i]:offsets[i+1]]. One batched call into Rust, which spreads the batch over every core."""
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch_fast(texts)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
+    # int32 ids and int8 masks: the types datasets itself gives these columns (vocabularies stay under 2^31).
+    return offsets, np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
 
-    ds = ds.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenize pretraining text")
-    ds = ds.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")
-    return ds
+
+def special_tokens_at_end(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many special tokens the tokenizer appends after a single text ([SEP]: 1)."""
+    mask = tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]
+    return len(mask) - len("".join(map(str, mask)).rstrip("1"))
+
+
+def truncate(offsets: np.ndarray, ids: np.ndarray, max_length: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut documents longer than max_length as the tokenizer's own truncation does: keep the first
+    max_length - tail ids and the `tail` special tokens at the end. Vectorized over the whole batch."""
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)  # document of each id
+    position = np.arange(len(ids)) - offsets[:-1][row]  # position of each id inside its document
+    keep = (lengths[row] <= max_length) | (position < max_length - tail) | (position >= lengths[row] - tail)
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(np.minimum(lengths, max_length), out=new_offsets[1:])
+    return new_offsets, ids[keep]
+
+
+def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def _parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, flat values) of a list column of a batch."""
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0], lists.flatten().to_numpy()
+
+
+def _as_dataset(texts: list[str] | datasets.Dataset, labels: list[int] | None = None) -> datasets.Dataset:
+    if isinstance(texts, datasets.Dataset):
+        return texts
+    return datasets.Dataset.from_dict({"text": texts} if labels is None else {"text": texts, "label": labels})
+
+
+def _map_batches(
+    ds: datasets.Dataset, fn: Callable[[pa.Table], pa.Table], desc: str, num_proc: int | None = None
+) -> datasets.Dataset:
+    """ds.map over Arrow batches of BATCH_DOCUMENTS rows; fn returns the whole new table (old columns dropped)."""
+    mapped = ds.with_format("arrow").map(
+        fn,
+        batched=True,
+        batch_size=BATCH_DOCUMENTS,
+        remove_columns=ds.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc=desc,
+    )
+    return mapped.with_format(None)
+
+
+def tokenize_documents(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str] | datasets.Dataset, num_proc: int | None = None
+) -> datasets.Dataset:
+    """The `text` column replaced by `input_ids`: whole documents with special tokens, not truncated.
+
+    Batches go to Rust as Arrow and come back as Arrow arrays built from numpy, with no Python work per
+    token beyond reading the ids. A file-backed dataset is mapped to a file beside it, so a corpus larger than
+    memory streams through. Each document is tokenized on its own, so num_proc changes nothing in the output.
+    """
+    ds = _as_dataset(texts)
+    backend = fast_backend(tokenizer)
+
+    def encode(batch: pa.Table) -> pa.Table:
+        offsets, ids = encode_documents(tokenizer, backend, batch.column("text").to_pylist())
+        rest = {name: batch.column(name) for name in batch.column_names if name != "text"}
+        return pa.table({**rest, "input_ids": _lists(offsets, ids)})
+
+    return _map_batches(ds, encode, "tokenize", num_proc)
+
+
+def pack_tokenized(documents: datasets.Dataset, block_size: int) -> datasets.Dataset:
+    """Concatenate tokenized documents and cut blocks of exactly block_size tokens (no padding ever).
+
+    As in transformers' run_mlm.py, grouping runs per batch of 1000 documents, so memory stays bounded and each
+    batch drops its tail shorter than one block (under block_size tokens per 1000 documents). It runs
+    in-process: it is cheap, and the same batches whatever num_proc tokenized the documents.
+    """
+
+    def group(batch: pa.Table) -> pa.Table:
+        _, ids = _parts(batch.column("input_ids"))
+        n = len(ids) // block_size * block_size
+        return pa.table({"input_ids": _lists(np.arange(0, n + 1, block_size), ids[:n])})
+
+    return _map_batches(documents, group, f"pack into {block_size}-token blocks")
+
+
+def truncate_tokenized(
+    tokenizer: PreTrainedTokenizerBase, documents: datasets.Dataset, max_length: int
+) -> datasets.Dataset:
+    """Classification inputs from tokenized documents (columns input_ids, label): truncated to max_length,
+    never padded, with `labels`, `attention_mask` (and `token_type_ids` if the tokenizer makes them)."""
+    tail = special_tokens_at_end(tokenizer)
+    token_types = "token_type_ids" in tokenizer.model_input_names
+
+    def cut(batch: pa.Table) -> pa.Table:
+        offsets, ids = truncate(*_parts(batch.column("input_ids")), max_length, tail)
+        columns = {
+            "labels": batch.column("label"),
+            "input_ids": _lists(offsets, ids),
+            "attention_mask": _lists(offsets, np.ones(len(ids), dtype=np.int8)),
+        }
+        if token_types:
+            columns["token_type_ids"] = _lists(offsets, np.zeros(len(ids), dtype=np.int8))
+        return pa.table(columns)
+
+    return _map_batches(documents, cut, "truncate")
+
+
+def pack_blocks(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str] | datasets.Dataset,
+    block_size: int,
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """Tokenize whole documents ([CLS] doc [SEP]), concatenate them and cut blocks of block_size tokens."""
+    return pack_tokenized(tokenize_documents(tokenizer, texts, num_proc), block_size)
 
 
 def tokenize_for_classification(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str] | datasets.Dataset,
+    labels: list[int] | None,
+    max_length: int,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
-    ds = datasets.Dataset.from_dict({"text": texts, "labels": labels})
-
-    def tokenize(batch: dict) -> dict:
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    return ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize classification text")
+    """Truncated, unpadded classification inputs of (texts, labels), or of a dataset with text and label."""
+    documents = tokenize_documents(tokenizer, _as_dataset(texts, labels), num_proc)
+    return truncate_tokenized(tokenizer, documents, max_length)

@@ -244,9 +244,19 @@ def _create_experiment(name: str, location: str | None) -> None:
 
 
 @contextlib.contextmanager
-def start_run(stage: str, params: TrackingParams, tags: dict[str, str] | None = None) -> Iterator[Run]:
-    """An MLflow run for one stage: FINISHED on success, FAILED on any exception (never left RUNNING)."""
-    if not params.enabled:
+def start_run(
+    stage: str,
+    params: TrackingParams,
+    tags: dict[str, str] | None = None,
+    name: str | None = None,
+    primary: bool = True,
+) -> Iterator[Run]:
+    """An MLflow run for one stage: FINISHED on success, FAILED on any exception (never left RUNNING).
+
+    Named `name` (default: the stage), suffixed with the DVC experiment's name inside `dvc exp run`.
+    primary=False (the ranks above 0 of a torchrun job) gives a disabled Run: one run per stage, not per process.
+    """
+    if not params.enabled or not primary:
         yield Run(None)
         return
     import mlflow
@@ -270,7 +280,8 @@ def start_run(stage: str, params: TrackingParams, tags: dict[str, str] | None = 
         all_tags["mlflow.source.git.commit"] = commit
     if exp_name:
         all_tags["dvc.exp_name"] = exp_name
-    run_name = f"{stage}-{exp_name}" if exp_name else stage
+    name = name or stage
+    run_name = f"{name}-{exp_name}" if exp_name else name
     # SIGTERM (a killed `dvc repro` or queue worker) would end the process without unwinding; raise
     # instead, so the run below is closed as FAILED rather than left RUNNING.
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)

@@ -1,9 +1,13 @@
 """One plain training loop for both pretraining and fine-tuning.
 
 Step-based: warmup then linear decay (transformers' scheduler), AdamW (fused on CUDA), gradient
-clipping, bf16 autocast on CUDA, periodic evaluation, optional early stopping on a monitored metric with
-the best weights kept in memory. Every logged row goes to the returned history (the DVC plots) and to
-MLflow through `run`.
+clipping, bf16 autocast on CUDA, optional torch.compile, periodic evaluation, optional early stopping on a
+monitored metric with the best weights kept in memory. Every logged row goes to the returned history (the
+DVC plots) and to MLflow through `run`.
+
+Under torchrun the model trains inside DistributedDataParallel: each rank's loader yields its share of the
+global batch, logged losses and throughput are combined over ranks, and evaluate() must return the same
+metrics on every rank (see transferpipe.distributed), so that all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from transferpipe import distributed
+from transferpipe.errors import UserError
 from transferpipe.io import atomic_dir, write_csv
 from transferpipe.tracking import Run
 
@@ -33,6 +39,35 @@ def seed_everything(seed: int) -> None:
 
 def make_optimizer(groups: list[dict], lr: float, beta2: float, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
+
+
+def train_loader(
+    dataset: Sized,
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    collate_fn: Callable[[list], dict],
+    device: torch.device,
+    section: str,
+    drop_last: bool = False,
+) -> DataLoader:
+    """This process's training batches: its share of every global batch of `batch_size` (params
+    `section.batch_size`), from a seeded shuffle that fit() renews every epoch (distributed.sampler)."""
+    if num_workers < 0:
+        raise UserError(f"params {section}.num_workers={num_workers} must be 0 (load in the training process) or more")
+    return DataLoader(
+        dataset,
+        batch_size=distributed.local_batch_size(batch_size, f"{section}.batch_size"),
+        sampler=distributed.sampler(dataset, seed),
+        drop_last=drop_last,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,  # fit() starts a new pass every epoch: keep the workers
+        pin_memory=device.type == "cuda",
+        # With a sampler it only seeds the workers' RNG (their MLM masks), which must differ between ranks.
+        generator=torch.Generator().manual_seed(seed + distributed.rank()),
+    )
 
 
 @dataclass
@@ -58,6 +93,8 @@ def _batches(loader: DataLoader) -> Iterator[tuple[int, dict]]:
     """Endless (epoch, batch) pairs: every pass re-shuffles and, for MLM, draws fresh masks."""
     epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # DistributedSampler: a new seeded shuffle, the same on every rank
         for batch in loader:
             yield epoch, batch
         epoch += 1
@@ -81,12 +118,15 @@ def fit(
     on_epoch: Callable[[int], None] | None = None,
     log_every: int = 10,
     desc: str = "train",
+    torch_compile: bool = False,
 ) -> FitResult:
     """Train for total_steps; evaluate every eval_every steps and at the end.
 
     With `monitor` (a key of evaluate()'s result, higher is better) the best weights are restored at the
     end, and training stops once `patience` evaluations in a row brought no improvement. `compute_loss`
-    replaces the model's own loss; `on_epoch(epoch)` runs before the first step of every epoch.
+    replaces the model's own loss (it receives the model as wrapped for training); `on_epoch(epoch)` runs
+    before the first step of every epoch. `model` itself is never wrapped: evaluate() and saving use it,
+    and its state_dict keys stay those of save_pretrained.
     """
     scheduler = get_scheduler(
         "linear",
@@ -99,9 +139,15 @@ def fit(
     tokens = examples = 0
     eval_seconds = 0.0  # excluded from throughput
     running, running_n = 0.0, 0
-    model.to(device).train()
+    model.to(device)
+    # Gradual unfreezing leaves frozen parameters without gradients, which DDP must be told to expect.
+    train_model = distributed.wrap(model, device, find_unused_parameters=on_epoch is not None)
+    if torch_compile:
+        train_model = torch.compile(train_model)  # compiles on the first step (and on new input shapes)
+    train_model.train()
+    main = distributed.is_main()
     start = time.perf_counter()
-    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not main)
     batches = _batches(loader)
     current_epoch = -1
     for step in range(1, total_steps + 1):
@@ -111,7 +157,7 @@ def fit(
         current_epoch = epoch
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch).loss if compute_loss is None else compute_loss(model, batch)
+            loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
@@ -124,7 +170,8 @@ def fit(
         running_n += 1
         progress.update(1)
         if step % log_every == 0 or step == total_steps:
-            row = {"step": step, "loss": running / running_n, "learning_rate": scheduler.get_last_lr()[0]}
+            loss_mean = distributed.all_mean(running / running_n, device)  # over ranks: the global batch's
+            row = {"step": step, "loss": loss_mean, "learning_rate": scheduler.get_last_lr()[0]}
             result.train_rows.append(row)
             run.log_metrics({"train/loss": row["loss"], "train/learning_rate": row["learning_rate"]}, step)
             progress.set_postfix(loss=f"{row['loss']:.3f}")
@@ -132,19 +179,21 @@ def fit(
 
         if step % eval_every == 0 or step == total_steps:
             eval_start = time.perf_counter()
-            model.eval()
+            train_model.eval()
             metrics = evaluate()
-            model.train()
+            train_model.train()
             eval_seconds += time.perf_counter() - eval_start
             elapsed = time.perf_counter() - start - eval_seconds
-            throughput = {"tokens_per_second": tokens / elapsed, "examples_per_second": examples / elapsed}
+            all_tokens, all_examples = distributed.all_sum([tokens, examples], device)
+            throughput = {"tokens_per_second": all_tokens / elapsed, "examples_per_second": all_examples / elapsed}
             row = {"step": step, "epoch": epoch, **metrics}
             result.eval_rows.append(row)
             run.log_metrics(
                 {**{f"eval/{k}": v for k, v in metrics.items()}, **{f"train/{k}": v for k, v in throughput.items()}},
                 step,
             )
-            tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if main:
+                tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if monitor is None:
                 result.best = row
             elif metrics[monitor] > best_score:
@@ -154,11 +203,13 @@ def fit(
                 bad_evals += 1
                 if patience is not None and bad_evals >= patience:
                     result.stopped_early = True
-                    tqdm.write(f"{desc}: no better {monitor} for {patience} evaluations, stopping at step {step}")
+                    if main:
+                        tqdm.write(f"{desc}: no better {monitor} for {patience} evaluations, stopping at step {step}")
                     break
     progress.close()
     result.steps = step
     result.seconds = time.perf_counter() - start
+    tokens, examples = distributed.all_sum([tokens, examples], device)
     result.tokens_per_second = tokens / (result.seconds - eval_seconds)
     result.examples_per_second = examples / (result.seconds - eval_seconds)
     if best_state is not None:

@@ -1,0 +1,157 @@
+"""Fine-tuning throughput at equal or better validation accuracy: our finetune path against the classic example.
+
+Same data (the default splits and a tokenizer trained on train), same width, depth and vocabulary (params.yaml
+`model`), same batch size, epochs, learning rates, warmup and weight decay (`finetune`), same seed, both from
+random initialization (a BERT cannot load our encoder's weights, so neither is pretrained here):
+- ours: transferpipe.finetuning.finetune: inputs truncated and unpadded on disk, padded per batch to the
+  longest example, the configured encoder (ModernBERT-style, sdpa attention), best epoch kept by macro-F1;
+- reference: the path of the method's example: one tokenizer call per example (encode_plus, which
+  transformers 5 folds into __call__) with padding='max_length' and truncation to the same max_length, fp32,
+  fixed batches, BertForSequenceClassification, a plain loop;
+  its best epoch by validation macro-F1 is reported the same way.
+Examples per second count optimizer steps only (evaluation excluded), for both.
+Run: python -m bench.finetune_throughput [--epochs N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, get_scheduler
+
+from bench.common import REPO, default_data, load, machine, report
+from transferpipe.evaluation import classification_metrics
+from transferpipe.finetuning import finetune
+from transferpipe.modeling import new_encoder_config
+from transferpipe.params import FinetuneParams, load_section
+from transferpipe.tokenization import tokenize_for_classification
+from transferpipe.tracking import Run
+
+
+def reference_finetune(
+    model: torch.nn.Module,
+    train: dict[str, torch.Tensor],
+    validation: dict[str, torch.Tensor],
+    label_names: list[str],
+    params: FinetuneParams,
+) -> tuple[float, dict[str, float]]:
+    """The example's loop: fixed (max_length-padded) batches, AdamW, warmup then linear decay, clipping.
+    Returns (training examples per second, the best epoch's validation accuracy and macro-F1)."""
+    steps_per_epoch = math.ceil(len(train["labels"]) / params.batch_size)
+    total = steps_per_epoch * params.epochs
+    head = {id(p) for p in model.classifier.parameters()}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head], "lr": params.encoder_learning_rate},
+            {"params": list(model.classifier.parameters()), "lr": params.head_learning_rate},
+        ],
+        weight_decay=params.weight_decay,
+    )
+    scheduler = get_scheduler("linear", optimizer, math.ceil(params.warmup_ratio * total), total)
+    generator = torch.Generator().manual_seed(params.seed)
+    best, seconds, examples = {"macro_f1": -1.0}, 0.0, 0
+    for _ in range(params.epochs):
+        model.train()
+        start = time.perf_counter()
+        for batch_ids in torch.randperm(len(train["labels"]), generator=generator).split(params.batch_size):
+            batch = {k: v[batch_ids] for k, v in train.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            examples += len(batch_ids)
+        seconds += time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            inputs = {k: v for k, v in validation.items() if k != "labels"}
+            logits = torch.cat([model(**{k: v[i : i + 64] for k, v in inputs.items()}).logits for i in
+                                range(0, len(validation["labels"]), 64)])  # fmt: skip
+        scores = classification_metrics(validation["labels"].numpy(), logits.argmax(-1).numpy(), label_names)
+        if scores["macro_f1"] > best["macro_f1"]:
+            best = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+    return examples / seconds, best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=None, help="default: finetune.epochs of params.yaml")
+    parser.add_argument("--quick", action="store_true", help="300 training examples, one epoch (a smoke run)")
+    args = parser.parse_args(argv)
+    datasets.disable_progress_bars()
+    params = load()
+    ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
+    ft = dataclasses.replace(ft, epochs=1 if args.quick else args.epochs or ft.epochs, early_stopping_patience=None)
+    m, max_length = params["model"], params["tokenize"].max_length
+    splits, tokenizer = default_data(params)
+    if args.quick:
+        splits = {**splits, "train": splits["train"].iloc[:300]}
+    label_names = [str(i) for i in range(int(splits["train"]["label"].max()) + 1)]
+    texts = {name: splits[name]["text"].tolist() for name in ("train", "validation")}
+    labels = {name: splits[name]["label"].tolist() for name in ("train", "validation")}
+
+    # Ours: the tokenize stage's classification inputs, then the finetune stage's path.
+    start = time.perf_counter()
+    ours_data = datasets.DatasetDict(
+        {name: tokenize_for_classification(tokenizer, texts[name], labels[name], max_length) for name in texts}
+    )
+    ours_tokenize = time.perf_counter() - start
+    torch.manual_seed(ft.seed)
+    config = new_encoder_config(m, tokenizer)
+    config.num_labels = len(label_names)
+    config.classifier_dropout = ft.classifier_dropout
+    if hasattr(config, "classifier_pooling"):
+        config.classifier_pooling = ft.classifier_pooling
+    ours = AutoModelForSequenceClassification.from_config(config)
+    result = finetune(ours, tokenizer, ours_data, label_names, ft, Run(None), torch.device("cpu"))
+
+    # Reference: per-example encode_plus padded to max_length, BertForSequenceClassification, a plain loop.
+    start = time.perf_counter()
+    ref_data = {}
+    for name in texts:
+        encoded = [tokenizer(t, padding="max_length", truncation=True, max_length=max_length) for t in texts[name]]
+        ref_data[name] = {
+            "input_ids": torch.tensor([e["input_ids"] for e in encoded]),
+            "attention_mask": torch.tensor([e["attention_mask"] for e in encoded]),
+            "labels": torch.tensor(labels[name]),
+        }
+    ref_tokenize = time.perf_counter() - start
+    torch.manual_seed(ft.seed)
+    reference = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=m.hidden_size,
+            num_hidden_layers=m.num_hidden_layers,
+            num_attention_heads=m.num_attention_heads,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=len(label_names),
+        )
+    )
+    ref_eps, ref_best = reference_finetune(reference, ref_data["train"], ref_data["validation"], label_names, ft)
+
+    lengths = np.array([len(ids) for ids in ours_data["train"]["input_ids"]])
+    print(
+        f"machine: {machine()}; {len(texts['train'])} training examples x {ft.epochs} epochs, batch {ft.batch_size}, "
+        f"max_length {max_length} ({(lengths < max_length).mean():.0%} of examples shorter; mean {lengths.mean():.0f} "
+        f"tokens), hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}"
+    )
+    print(f"  tokenizing train + validation: ours {ours_tokenize:.2f} s, reference {ref_tokenize:.2f} s")
+    ours_best = result.best
+    for name, best in (("ours", ours_best), ("reference", ref_best)):
+        print(f"  {name:<10} best validation accuracy {best['accuracy']:.3f}, macro-F1 {best['macro_f1']:.3f}")
+    equal_or_better = ours_best["accuracy"] >= ref_best["accuracy"]
+    print(f"  equal or better validation accuracy: {'yes' if equal_or_better else 'NO'}")
+    report("fine-tuning throughput", "examples/s", result.examples_per_second, ref_eps, target=3)
+
+
+if __name__ == "__main__":
+    main()

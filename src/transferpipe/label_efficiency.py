@@ -1,0 +1,182 @@
+"""Label efficiency: test macro-F1 against labels per class, for every model, from finished DVC experiments.
+
+The sweep queues one experiment per (labels per class, seed); only finetune and evaluate rerun, because the
+pretrained encoder does not depend on the labels:
+
+    dvc exp run --queue -S 'finetune.labels_per_class=5,20,all' -S 'finetune.seed=1,2,3'
+    dvc queue start          # one worker on a 2-core CPU; `dvc queue status` shows progress
+    transferpipe label-efficiency --out reports/label_efficiency
+
+This reads `dvc exp show --json` (the experiments of HEAD): each experiment's finetune.labels_per_class and
+metrics/evaluate.json, groups them by labels per class and gives mean and standard deviation over the
+experiments of each group (the seeds). Experiments that differ in any other param are mixed into the same
+groups, so the summary names those params.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transferpipe.errors import UserError
+from transferpipe.io import write_text_atomic
+
+PARAMS_FILE = "params.yaml"
+METRICS_FILE = "metrics/evaluate.json"
+SWEPT = {"finetune.labels_per_class", "finetune.seed"}
+MODEL_NAMES = {"pretrained": "pretrained", "scratch": "from scratch", "tfidf_logreg": "TF-IDF + logistic regression"}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    params: dict[str, Any]  # flat: "finetune.seed" -> 1
+    macro_f1: dict[str, float]  # model -> test macro-F1
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
+    """The finished experiments in `dvc exp show --json` output (baselines and the workspace left out),
+    and how many experiments had no evaluate metrics (queued, running or failed)."""
+    found, unfinished = [], 0
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                data = rev.get("data") or {}
+                params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
+                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+                if not params or not metrics or "test" not in metrics:
+                    unfinished += 1
+                    continue
+                scores = {model: values["macro_f1"] for model, values in metrics["test"].items()}
+                found.append(Experiment(rev.get("name") or rev.get("rev", "?")[:7], flatten(params), scores))
+    return found, unfinished
+
+
+def show_experiments(root: Path) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json", "--hide-queued"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise UserError(f"`dvc exp show --json` failed in {root}: {reason}")
+    return json.loads(proc.stdout)
+
+
+def _order(labels_per_class: Any) -> tuple[int, float]:
+    return (1, math.inf) if labels_per_class == "all" else (0, float(labels_per_class))
+
+
+def summarize(experiments: list[Experiment]) -> tuple[list[dict], list[str]]:
+    """Rows (labels per class, seeds, per model mean and std, pretrained minus scratch), ordered by labels per
+    class with `all` last; and the params other than labels_per_class and seed that differ between them."""
+    if not experiments:
+        raise UserError(
+            "no finished DVC experiments with metrics/evaluate.json; queue the sweep first, e.g. "
+            "dvc exp run --queue -S 'finetune.labels_per_class=5,20,all' -S 'finetune.seed=1,2,3' && dvc queue start"
+        )
+    keys = set().union(*(e.params for e in experiments)) - SWEPT
+    mixed = sorted(k for k in keys if len({json.dumps(e.params.get(k)) for e in experiments}) > 1)
+    groups: dict[Any, list[Experiment]] = {}
+    for e in experiments:
+        groups.setdefault(e.params.get("finetune.labels_per_class", "all"), []).append(e)
+    models = [m for m in MODEL_NAMES if any(m in e.macro_f1 for e in experiments)]
+    rows = []
+    for labels_per_class in sorted(groups, key=_order):
+        members = groups[labels_per_class]
+        row: dict[str, Any] = {"labels_per_class": labels_per_class, "experiments": len(members)}
+        for model in models:
+            values = [e.macro_f1[model] for e in members if model in e.macro_f1]
+            row[f"{model}_mean"] = statistics.fmean(values) if values else math.nan
+            row[f"{model}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if "pretrained" in models and "scratch" in models:
+            row["pretrained_minus_scratch"] = row["pretrained_mean"] - row["scratch_mean"]
+        rows.append(row)
+    return rows, mixed
+
+
+def to_markdown(rows: list[dict]) -> str:
+    models = [m for m in MODEL_NAMES if f"{m}_mean" in rows[0]]
+    header = ["labels per class", "experiments", *(f"{MODEL_NAMES[m]} macro-F1" for m in models)]
+    if "pretrained_minus_scratch" in rows[0]:
+        header.append("pretrained − scratch")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for row in rows:
+        cells = [str(row["labels_per_class"]), str(row["experiments"])]
+        cells += [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in models]
+        if "pretrained_minus_scratch" in row:
+            cells.append(f"{row['pretrained_minus_scratch']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test macro-F1 (mean, with a band of ± one standard deviation) against labels per class, one line per
+    model; labels per class on evenly spaced ticks, `all` last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, name in MODEL_NAMES.items():
+        if f"{model}_mean" not in rows[0]:
+            continue
+        mean = np.array([r[f"{model}_mean"] for r in rows])
+        std = np.array([r[f"{model}_std"] for r in rows])
+        ax.plot(xs, mean, marker="o", label=name)
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    ax.set_xticks(xs, [str(r["labels_per_class"]) for r in rows])
+    ax.set_xlabel("labeled training examples per class")
+    ax.set_ylabel("test macro-F1")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    seeds = sorted({r["experiments"] for r in rows})
+    ax.set_title(f"Label efficiency (mean ± std over {'/'.join(map(str, seeds))} experiments per point)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def label_efficiency(root: Path, out: Path) -> str:
+    """Writes out/label_efficiency.{csv,md,png}; returns the printed summary."""
+    import pandas as pd
+
+    experiments, unfinished = experiments_from_show(show_experiments(root))
+    rows, mixed = summarize(experiments)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "label_efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
+    table = to_markdown(rows)
+    notes = [f"{len(experiments)} finished experiment(s)"]
+    if unfinished:
+        notes.append(f"{unfinished} without evaluate metrics left out")
+    if mixed:
+        notes.append(f"they also differ in {', '.join(mixed)}")
+    summary = "; ".join(notes) + "."
+    write_text_atomic(out / "label_efficiency.md", f"# Label efficiency\n\n{table}\n{summary}\n")
+    plot(rows, out / "label_efficiency.png")
+    return f"{table}\n{summary}\nwrote {out}/label_efficiency.csv, .md and .png"

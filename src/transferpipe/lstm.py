@@ -1,0 +1,201 @@
+"""An LSTM text model in transformers' clothes: a next-token language model and a sequence classifier.
+
+ULMFiT (Howard & Ruder, 2018) is the reference: an embedding, a stack of single-layer LSTMs and an output
+projection tied to the embedding, pretrained as a language model, then fine-tuned as a classifier on
+concat pooling (last state, masked max, masked mean) with discriminative learning rates and gradual
+unfreezing. The layers are a ModuleList of single-layer LSTMs, so modeling.freeze, layer_groups,
+param_groups and gradual_unfreezing see one block per layer, as they do for transformer encoders.
+
+Both models are PreTrainedModels registered with the Auto classes (model_type `transferpipe_lstm`), so
+save_pretrained / from_pretrained, AutoModelForSequenceClassification and transformers.pipeline work on them
+once this module is imported. A saved folder also carries a copy of this file and an `auto_map` in its
+config.json (transformers' custom-code convention), so a process that has not imported transferpipe (an
+MLflow pyfunc model served elsewhere) loads it with `trust_remote_code=True`. That is why this file
+imports nothing from transferpipe: it must work on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
+
+
+class LSTMConfig(PretrainedConfig):
+    """Sizes of the LSTM model; the embedding is hidden_size wide so the output projection can be tied to it."""
+
+    model_type = "transferpipe_lstm"
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 3,
+        classifier_dropout: float = 0.1,
+        initializer_range: float = 0.02,
+        pad_token_id: int | None = 0,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.classifier_dropout = classifier_dropout
+        self.initializer_range = initializer_range
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class LSTMPreTrainedModel(PreTrainedModel):
+    config_class = LSTMConfig
+    base_model_prefix = "lstm"
+    main_input_name = "input_ids"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # LSTMs: Xavier-uniform weights, zero biases
+        if isinstance(module, nn.Embedding):
+            # PyTorch's N(0, 1), not transformers' N(0, 0.02): behind Xavier-initialized gates an input of std
+            # 0.02 is all but invisible, and the LM sat at unigram statistics for its first hundreds of steps
+            # (a 3-layer 32-wide LM on a repeated sentence: loss 2.9 after 60 steps at std 0.02, 0.07 at std 1).
+            init.normal_(module.weight, mean=0.0, std=1.0)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LSTM):
+            # Forget-gate bias 1 (Jozefowicz et al., 2015): cells remember by default early in training.
+            # PyTorch orders the gates input, forget, cell, output. Slicing loses the loaded-weight flag,
+            # so it is checked here (as transformers does for the embedding's padding row).
+            for name, param in module.named_parameters():
+                if name.startswith("bias_ih") and not getattr(param, "_is_hf_initialized", False):
+                    hidden = param.shape[0] // 4
+                    with torch.no_grad():
+                        param[hidden : 2 * hidden].fill_(1.0)
+
+
+class LSTMModel(LSTMPreTrainedModel):
+    """Embedding and stacked LSTMs; `layers` and `embeddings` are where modeling.py looks for them."""
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(
+            nn.LSTM(config.hidden_size, config.hidden_size, batch_first=True) for _ in range(config.num_hidden_layers)
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> BaseModelOutput:
+        """Right padding (the tokenizers' default) needs no mask here: a left-to-right LSTM's state at a real
+        token never depends on the padding after it. The heads use attention_mask to skip the padding."""
+        hidden = self.embeddings(input_ids)  # (batch, seq_len, hidden)
+        for layer in self.layers:
+            hidden, _ = layer(hidden)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+class LSTMForCausalLM(LSTMPreTrainedModel):
+    """Next-token language model: logits at position t predict token t+1; `labels` are the input ids
+    (the shift happens here, as in transformers' causal LMs), -100 where no loss is wanted."""
+
+    _tied_weights_keys = {"lm_head.weight": "lstm.embeddings.weight"}
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__(config)
+        self.lstm = LSTMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.lstm.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.lstm.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutput:
+        hidden = self.lstm(input_ids).last_hidden_state
+        logits = self.lm_head(hidden)  # (batch, seq_len, vocab)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+class LSTMForSequenceClassification(LSTMPreTrainedModel):
+    """ULMFiT's classifier: concat pooling of the last real token's state, the masked max and the masked mean
+    over time, then dropout and a linear layer. Inputs must be right-padded (checked)."""
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.lstm = LSTMModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(3 * config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.lstm.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.lstm.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        hidden = self.lstm(input_ids).last_hidden_state  # (batch, seq_len, hidden)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("LSTMForSequenceClassification needs right padding (tokenizer.padding_side='right')")
+        lengths = mask.sum(1).clamp(min=1)  # (batch,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (batch, hidden)
+        keep = mask.unsqueeze(-1)  # (batch, seq_len, 1)
+        maximum = hidden.masked_fill(~keep, torch.finfo(hidden.dtype).min).amax(1)
+        mean = (hidden * keep).sum(1) / lengths.unsqueeze(-1).to(hidden.dtype)
+        logits = self.classifier(self.dropout(torch.cat([last, maximum, mean], dim=-1)))  # (batch, num_labels)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# save_pretrained writes an auto_map into config.json and copies this file beside the weights.
+LSTMConfig.register_for_auto_class()
+LSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+LSTMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+# Only the package module registers itself: transformers also executes the copy saved beside a model
+# (trust_remote_code), and registering that copy's classes under the same model_type would clash.
+if __name__ == "transferpipe.lstm":
+    AutoConfig.register(LSTMConfig.model_type, LSTMConfig)
+    AutoModelForCausalLM.register(LSTMConfig, LSTMForCausalLM)
+    AutoModelForSequenceClassification.register(LSTMConfig, LSTMForSequenceClassification)

@@ -1,0 +1,118 @@
+"""`transferpipe label-efficiency` on real DVC experiments of a throwaway repository whose one stage writes
+metrics/evaluate.json from its params (no training: the scores are a known function of labels and seed)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from transferpipe.errors import UserError
+from transferpipe.label_efficiency import Experiment, summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# pretrained = 0.5 + labels/100 + seed/1000 ("all" counts as 40), scratch = pretrained - 0.2, baseline 0.9.
+STAGE = """
+import json, yaml
+p = yaml.safe_load(open("params.yaml"))["finetune"]
+n = 40 if p["labels_per_class"] == "all" else p["labels_per_class"]
+f1 = 0.5 + n / 100 + p["seed"] / 1000
+test = {"pretrained": {"macro_f1": f1, "accuracy": f1}, "scratch": {"macro_f1": f1 - 0.2, "accuracy": f1 - 0.2},
+        "tfidf_logreg": {"macro_f1": 0.9, "accuracy": 0.9}}
+json.dump({"test": test}, open("metrics/evaluate.json", "w"))
+"""
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert not check or proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("sweep")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
+    env |= {"PYTHONPATH": str(REPO / "src"), "DVC_NO_ANALYTICS": "1"}
+    (root / "stage.py").write_text(STAGE)
+    (root / "params.yaml").write_text("finetune:\n  labels_per_class: all\n  seed: 42\n  epochs: 6\n")
+    (root / "metrics").mkdir()
+    (root / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [finetune]\n"
+        "    metrics:\n      - metrics/evaluate.json:\n          cache: false\n"
+    )
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "test@example.com"],
+        ["git", "config", "user.name", "test"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "pipeline"],
+    ):
+        sh(args, root, env)
+    # The documented sweep: one queued experiment per (labels per class, seed), then the queue.
+    sh(
+        [sys.executable, "-m", "dvc", "exp", "run", "--queue"]
+        + ["-S", "finetune.labels_per_class=5,20,all", "-S", "finetune.seed=1,2"],
+        root,
+        env,
+    )
+    sh([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"], root, env)
+    return root, env
+
+
+def label_efficiency(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "transferpipe.cli", "label-efficiency", *args], root, env, check=False)
+
+
+def test_sweep_becomes_a_table_and_a_plot(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    proc = label_efficiency(root, env, "--out", "reports/le")
+    assert proc.returncode == 0, proc.stderr
+    with (root / "reports/le/label_efficiency.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["labels_per_class"] for r in rows] == ["5", "20", "all"]
+    assert [r["experiments"] for r in rows] == ["2", "2", "2"]
+    for row, n in zip(rows, (5, 20, 40), strict=True):
+        assert float(row["pretrained_mean"]) == pytest.approx(0.5 + n / 100 + 0.0015)
+        assert float(row["pretrained_std"]) == pytest.approx(0.000707, abs=1e-6)  # seeds 1 and 2
+        assert float(row["scratch_mean"]) == pytest.approx(0.3 + n / 100 + 0.0015)
+        assert float(row["tfidf_logreg_mean"]) == pytest.approx(0.9)
+        assert float(row["pretrained_minus_scratch"]) == pytest.approx(0.2)
+    md = (root / "reports/le/label_efficiency.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| 20 |")]
+    assert row.startswith("| 20 | 2 | 0.70") and row.endswith(" ± 0.001 | 0.900 ± 0.000 | +0.200 |")
+    assert "6 finished experiment(s)." in md  # no other param differs, so nothing is named as mixed
+    assert (root / "reports/le/label_efficiency.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| 5 | 2 |" in proc.stdout
+
+
+def test_no_experiments_is_one_line_and_exit_2(tmp_path: Path, repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    sh(["git", "clone", "-q", str(root), str(tmp_path / "clone")], tmp_path, env)
+    proc = label_efficiency(tmp_path / "clone", env, "--out", "out")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: no finished DVC experiments")
+    assert not (tmp_path / "clone/out").exists()
+
+
+def test_summary_names_params_that_differ_besides_labels_and_seed() -> None:
+    def experiment(labels: int | str, epochs: int, f1: float) -> Experiment:
+        params = {"finetune.labels_per_class": labels, "finetune.seed": 1, "finetune.epochs": epochs}
+        return Experiment(str(labels), params, {"pretrained": f1})
+
+    experiments = [experiment("all", 6, 0.9), experiment(10, 3, 0.7), experiment(2, 3, 0.4)]
+    rows, mixed = summarize(experiments)
+    assert [r["labels_per_class"] for r in rows] == [2, 10, "all"]  # numeric order, `all` last
+    assert mixed == ["finetune.epochs"]
+    assert "pretrained_minus_scratch" not in rows[0]  # no scratch scores, no difference column
+    with pytest.raises(UserError, match="no finished DVC experiments"):
+        summarize([])

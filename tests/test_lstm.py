@@ -1,0 +1,284 @@
+"""The LSTM architecture (transferpipe.lstm): the models themselves, their place in modeling.py's freezing and
+parameter groups, and the whole pipeline with `model.architecture: lstm` down to an MLflow model that loads
+in a fresh process."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from tests.conftest import make_corpus, tiny_params
+from tests.test_stages import dvc_commands
+from transferpipe.lstm import LSTMConfig, LSTMForCausalLM, LSTMForSequenceClassification
+from transferpipe.modeling import (
+    encoder_layers,
+    encoder_of,
+    freeze,
+    gradual_unfreezing,
+    is_causal_lm,
+    layer_groups,
+    param_groups,
+    pretraining_model,
+    sequence_classifier,
+)
+from transferpipe.params import ModelParams, PretrainParams
+from transferpipe.pretraining import lm_collator, mlm_loss
+from transferpipe.tokenization import pack_blocks, train_wordpiece
+
+LABELS = ["business", "entertainment", "politics", "sport", "tech"]
+TINY = ModelParams(architecture="lstm", hidden_size=32, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_wordpiece([row["text"] for row in make_corpus()], vocab_size=150, min_frequency=1, lowercase=True)
+
+
+@pytest.fixture
+def lm(tokenizer: PreTrainedTokenizerFast) -> LSTMForCausalLM:
+    torch.manual_seed(0)
+    return pretraining_model(TINY, tokenizer)
+
+
+@pytest.fixture
+def lm_dir(tmp_path: Path, lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> Path:
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm"
+
+
+@pytest.fixture
+def classifier(lm_dir: Path) -> LSTMForSequenceClassification:
+    return sequence_classifier(lm_dir, LABELS, classifier_dropout=0.0)
+
+
+def texts_batch(tokenizer: PreTrainedTokenizerFast, **kwargs) -> dict[str, torch.Tensor]:
+    texts = ["Bank shares rose in the market.", "The team won the cup match with a late goal.", "A film."]
+    return tokenizer(texts, padding=True, return_tensors="pt", **kwargs)
+
+
+def test_pretraining_model_is_a_tied_next_token_lm_sized_by_params(
+    lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    assert type(lm) is LSTMForCausalLM and is_causal_lm(lm)
+    assert (lm.config.vocab_size, lm.config.hidden_size, lm.config.num_hidden_layers) == (len(tokenizer), 32, 3)
+    assert lm.config.pad_token_id == tokenizer.pad_token_id
+    assert lm.lm_head.weight is lm.lstm.embeddings.weight  # ULMFiT ties the output projection to the input
+    assert [type(layer).__name__ for layer in encoder_layers(lm)] == ["LSTM"] * 3
+    # Cells start remembering: forget-gate biases are 1, the others 0.
+    bias = lm.lstm.layers[0].bias_ih_l0
+    assert torch.equal(bias[32:64], torch.ones(32)) and torch.equal(bias[:32], torch.zeros(32))
+
+
+def test_lm_forward_shapes_and_shifted_loss(lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    batch = texts_batch(tokenizer)
+    out = lm(**batch, labels=batch["input_ids"])
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    # Logits at t predict token t+1; padding (attention_mask 0) is never a target.
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, len(tokenizer)), labels.reshape(-1))
+    assert torch.allclose(out.loss, expected)
+    # An untrained model guesses about uniformly: the loss is near log(vocab size).
+    assert abs(out.loss.item() - math.log(len(tokenizer))) < 0.5
+
+
+def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    """A repeated sentence is predictable only from context ("the" precedes three different words)."""
+    texts = ["The bank said shares rose in the market and the team won the cup."] * 20
+    blocks = pack_blocks(tokenizer, texts, block_size=16).with_format("torch")
+    collator = lm_collator(lm, tokenizer, PretrainParams())
+    batch = collator([blocks[i] for i in range(16)])
+    assert torch.equal(batch["labels"], batch["input_ids"])  # the model shifts; no masks
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    before = mlm_loss(lm, [batch], torch.device("cpu"), causal=True)["loss"]
+    lm.train()
+    for _ in range(30):
+        lm(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = mlm_loss(lm.eval(), [batch], torch.device("cpu"), causal=True)["loss"]
+    assert after < before / 3, (before, after)  # unigram statistics alone stop near 2.9
+
+
+def test_held_out_loss_averages_over_next_token_predictions(
+    lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Batches of different sizes are weighted by their predicted tokens: seq_len - 1 per block."""
+    ids = torch.randint(5, len(tokenizer), (5, 12))
+    a, b = {"input_ids": ids[:1], "labels": ids[:1]}, {"input_ids": ids[1:], "labels": ids[1:]}
+    with torch.no_grad():
+        whole = lm(input_ids=ids, labels=ids).loss.item()
+    assert mlm_loss(lm, [a, b], torch.device("cpu"), causal=True)["loss"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_save_and_load_through_the_auto_classes(lm: LSTMForCausalLM, lm_dir: Path) -> None:
+    config = json.loads((lm_dir / "config.json").read_text())
+    assert config["model_type"] == "transferpipe_lstm"
+    # The folder carries its own code for processes that never import transferpipe (trust_remote_code).
+    assert config["auto_map"]["AutoModelForCausalLM"] == "lstm.LSTMForCausalLM"
+    assert (lm_dir / "lstm.py").is_file()
+    assert type(AutoConfig.from_pretrained(lm_dir)) is LSTMConfig
+    loaded = AutoModelForCausalLM.from_pretrained(lm_dir)
+    assert type(loaded) is LSTMForCausalLM
+    assert loaded.lm_head.weight is loaded.lstm.embeddings.weight
+    ids = torch.randint(5, lm.config.vocab_size, (2, 9))
+    assert torch.equal(loaded(input_ids=ids).logits, lm.eval()(input_ids=ids).logits)
+    # Continued pretraining from the folder (model.checkpoint) gives the LM back, whatever `architecture` says.
+    again = pretraining_model(dataclasses.replace(TINY, architecture="modernbert", checkpoint=str(lm_dir)), None)
+    assert type(again) is LSTMForCausalLM
+
+
+def test_sequence_classifier_keeps_the_pretrained_lstm_and_round_trips(
+    lm: LSTMForCausalLM, classifier: LSTMForSequenceClassification, tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    assert type(classifier) is LSTMForSequenceClassification
+    assert classifier.config.id2label == dict(enumerate(LABELS))
+    for name, tensor in encoder_of(lm).state_dict().items():
+        assert torch.equal(encoder_of(classifier).state_dict()[name], tensor), name
+    batch = texts_batch(tokenizer)
+    logits = classifier.eval()(**batch).logits
+    assert logits.shape == (3, len(LABELS))
+    classifier.save_pretrained(tmp_path / "clf")
+    assert set(json.loads((tmp_path / "clf/config.json").read_text())["auto_map"]) == {
+        "AutoConfig",
+        "AutoModelForCausalLM",
+        "AutoModelForSequenceClassification",
+    }
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
+    assert torch.equal(loaded.eval()(**batch).logits, logits)
+
+
+def test_classifier_logits_do_not_depend_on_right_padding(
+    classifier: LSTMForSequenceClassification, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    classifier.eval()
+    texts = ["Bank shares rose in the market.", "A film."]
+    alone = torch.cat([classifier(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+    padded = classifier(**tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")).logits
+    assert torch.allclose(alone, padded, atol=1e-6)
+    # Max and mean pooling skip padding too: a classifier that only saw the last state would pass the above.
+    batch = tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
+    hidden = classifier.lstm(batch["input_ids"]).last_hidden_state
+    assert hidden[1, 10:].abs().sum() > 0  # the LSTM does run over the padding: the mask matters
+
+
+def test_classifier_refuses_left_padding(
+    classifier: LSTMForSequenceClassification, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    tokenizer.padding_side = "left"
+    try:
+        batch = texts_batch(tokenizer)
+    finally:
+        tokenizer.padding_side = "right"
+    with pytest.raises(ValueError, match="right padding"):
+        classifier(**batch)
+
+
+def test_freeze_embeddings_and_lowest_lstm_layers(classifier: LSTMForSequenceClassification) -> None:
+    frozen = freeze(classifier, embeddings=True, num_layers=2)
+    layers = encoder_layers(classifier)
+    for module in (encoder_of(classifier).embeddings, *layers[:2]):
+        assert not any(p.requires_grad for p in module.parameters())
+    assert all(p.requires_grad for p in layers[2].parameters())
+    assert all(p.requires_grad for p in classifier.classifier.parameters())
+    assert frozen == sum(p.numel() for p in classifier.parameters() if not p.requires_grad) > 0
+
+
+def test_layer_groups_and_discriminative_learning_rates(classifier: LSTMForSequenceClassification) -> None:
+    groups = layer_groups(classifier)
+    layers = encoder_layers(classifier)
+    expected = [*(list(layer.parameters()) for layer in reversed(layers)), [encoder_of(classifier).embeddings.weight]]
+    assert [[id(p) for p in g] for g in groups] == [[id(p) for p in g] for g in expected]
+
+    lr_of = {
+        id(p): group["lr"]
+        for group in param_groups(classifier, 1e-3, 1e-2, weight_decay=0.01, layer_lr_decay=0.5)
+        for p in group["params"]
+    }
+    assert lr_of[id(classifier.classifier.weight)] == 1e-2
+    for k, layer in enumerate(reversed(layers)):
+        assert {lr_of[id(p)] for p in layer.parameters()} == {1e-3 * 0.5**k}
+    assert lr_of[id(encoder_of(classifier).embeddings.weight)] == 1e-3 * 0.5**3
+
+
+def test_gradual_unfreezing_opens_one_lstm_layer_per_epoch(classifier: LSTMForSequenceClassification) -> None:
+    on_epoch = gradual_unfreezing(classifier)
+    layers = encoder_layers(classifier)
+    head = list(classifier.classifier.parameters())
+    for epoch, trainable in [(0, []), (1, layers[2:]), (2, layers[1:]), (3, layers)]:
+        on_epoch(epoch)
+        assert all(p.requires_grad for p in head)
+        for layer in layers:
+            assert all(p.requires_grad == (layer in trainable) for p in layer.parameters()), (epoch, layer)
+        assert encoder_of(classifier).embeddings.weight.requires_grad == (epoch >= 4)
+    on_epoch(4)
+    assert all(p.requires_grad for p in classifier.parameters())
+
+
+def test_pipeline_with_lstm_and_a_logged_model_that_loads_in_a_fresh_process(
+    tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every dvc.yaml command with model.architecture lstm; then MLflow's copy of the fine-tuned model, loaded
+    by a process that never imports transferpipe, predicts label names."""
+    tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, model={"architecture": "lstm"})
+    monkeypatch.chdir(tmp_path)
+    for module, argv in dvc_commands():
+        importlib.import_module(module).main(argv)
+
+    d = tmp_path
+    variants = sorted(p.name for p in (d / "models/finetuned").iterdir())
+    assert variants == ["pretrained", "scratch"]  # scratch: the untrained LSTM, saved and fine-tuned the same way
+    for folder in [d / "models/pretrained", *(d / "models/finetuned" / v for v in variants)]:
+        assert json.loads((folder / "config.json").read_text())["model_type"] == "transferpipe_lstm"
+        assert {"lstm.py", "config.json", "model.safetensors", "training_run.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+    assert json.loads((d / "models/pretrained/config.json").read_text())["architectures"] == ["LSTMForCausalLM"]
+    pre = json.loads((d / "metrics/pretrain.json").read_text())
+    assert pre["train"]["steps"] == 6 and 1 < pre["eval"]["perplexity"] < 300  # the tiny vocabulary is 300
+    curve = (d / "plots/pretrain/eval.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,loss,perplexity" and [row.split(",")[0] for row in curve[1:]] == ["3", "6"]
+    tested = json.loads((d / "metrics/evaluate.json").read_text())["test"]
+    for variant in variants:
+        assert 0 <= tested[variant]["macro_f1"] <= 1 and 0 <= tested[variant]["accuracy"] <= 1
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("transferpipe-test")
+    run_id = json.loads((d / "models/finetuned/pretrained/training_run.json").read_text())["mlflow_run_id"]
+    finetune_run = client.get_run(run_id)
+    assert finetune_run.info.experiment_id == experiment.experiment_id
+    assert "test/macro_f1" in finetune_run.data.metrics
+    script = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "pred = model.predict(['bank shares market profit economy', 'film music star award'])\n"
+        "print(json.dumps({'labels': list(pred['label']), 'transferpipe': 'transferpipe' in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, f"runs:/{run_id}/model"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["labels"]) == 2 and set(result["labels"]) <= set(LABELS)
+    assert result["transferpipe"] is False  # the model's own copy of lstm.py did the work
