@@ -116,3 +116,26 @@ def test_top_level_plots_point_at_stage_outputs() -> None:
         (spec,) = plot.values()
         for file in spec["y"]:
             assert any(file.startswith(o + "/") for o in outs), file
+
+
+def test_stages_import_the_package_code_beside_them(tmp_path: Path) -> None:
+    """In a copy of the repository (as DVC runs queued experiments) without PYTHONPATH, the stages import
+    transferpipe from the copy's src/, not from the editable install's workspace."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import copy_repo
+
+    copy_repo(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import stages, transferpipe; print(transferpipe.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == tmp_path / "src" / "transferpipe" / "__init__.py"

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from transferpipe.errors import UserError
 from transferpipe.tracking import Run
-from transferpipe.training import fit, make_optimizer, seed_everything, train_loader
+from transferpipe.training import fit, make_optimizer, seed_everything, train_loader, use_bf16
 
 
 class Regressor(nn.Module):
@@ -142,3 +142,23 @@ def test_train_loader_rejects_negative_workers() -> None:
             device=torch.device("cpu"),
             section="finetune",
         )
+
+
+def test_precision_decides_bf16_autocast_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [use_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    assert [use_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+
+
+def test_bf16_on_cpu_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None:
+    """precision bf16 on a CPU: the linear layers compute in bf16 under autocast, the weights the optimizer
+    updates stay fp32, and training still converges."""
+    seed_everything(0)
+    model = Regressor()
+    dtypes: list[torch.dtype] = []
+    model.linear.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    result, _ = run_fit(model, [0.0] * 10, precision="bf16")
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    losses = [row["loss"] for row in result.train_rows]
+    assert losses[-1] < losses[0] / 2

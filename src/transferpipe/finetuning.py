@@ -138,4 +138,5 @@ def finetune(
         log_every=max(1, min(10, len(loader) // 2)),
         desc="finetune",
         torch_compile=params.torch_compile,
+        precision=params.precision,
     )

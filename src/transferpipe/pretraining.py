@@ -110,6 +110,7 @@ def pretrain(
         device=device,
         desc="pretrain",
         torch_compile=params.torch_compile,
+        precision=params.precision,
     )
 
 

@@ -100,6 +100,11 @@ def _batches(loader: DataLoader) -> Iterator[tuple[int, dict]]:
         epoch += 1
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast (params `precision`: auto = on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def fit(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -119,6 +124,7 @@ def fit(
     log_every: int = 10,
     desc: str = "train",
     torch_compile: bool = False,
+    precision: str = "auto",
 ) -> FitResult:
     """Train for total_steps; evaluate every eval_every steps and at the end.
 
@@ -156,7 +162,7 @@ def fit(
             on_epoch(epoch)
         current_epoch = epoch
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
             loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
