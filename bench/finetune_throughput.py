@@ -32,6 +32,7 @@ from transferpipe.modeling import new_encoder_config
 from transferpipe.params import FinetuneParams, load_section
 from transferpipe.tokenization import tokenize_for_classification
 from transferpipe.tracking import Run
+from transferpipe.training import use_bf16
 
 
 def reference_finetune(
@@ -84,11 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="default: finetune.epochs of params.yaml")
     parser.add_argument("--quick", action="store_true", help="300 training examples, one epoch (a smoke run)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="ours; default: finetune.precision")
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
     params = load()
     ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
-    ft = dataclasses.replace(ft, epochs=1 if args.quick else args.epochs or ft.epochs, early_stopping_patience=None)
+    ft = dataclasses.replace(
+        ft,
+        epochs=1 if args.quick else args.epochs or ft.epochs,
+        early_stopping_patience=None,
+        precision=args.precision or ft.precision,
+    )
     m, max_length = params["model"], params["tokenize"].max_length
     splits, tokenizer = default_data(params)
     if args.quick:
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"machine: {machine()}; {len(texts['train'])} training examples x {ft.epochs} epochs, batch {ft.batch_size}, "
         f"max_length {max_length} ({(lengths < max_length).mean():.0%} of examples shorter; mean {lengths.mean():.0f} "
-        f"tokens), hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}"
+        f"tokens), hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}; ours in "
+        f"{'bf16 autocast' if use_bf16(ft.precision, torch.device('cpu')) else 'fp32'}, reference in fp32"
     )
     print(f"  tokenizing train + validation: ours {ours_tokenize:.2f} s, reference {ref_tokenize:.2f} s")
     ours_best = result.best

@@ -26,6 +26,7 @@ from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageMod
 from bench.common import default_data, load, machine, report
 from transferpipe.modeling import count_parameters, pick_device, pretraining_model
 from transferpipe.tokenization import pack_blocks
+from transferpipe.training import use_bf16
 
 # Dense bf16 peak FLOP/s by GPU name (no sparsity), for model-FLOPs utilization.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--size", choices=["default", "base"], default="default", help="params.yaml's or BERT-base")
     parser.add_argument("--batch-size", type=int, help="default: pretrain.batch_size")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="ours; default: pretrain.precision")
     args = parser.parse_args(argv)
     params = load()
     splits, tokenizer = default_data(params)
@@ -111,11 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     ref_loader = DataLoader(padded, batch_size=p.batch_size, shuffle=True, collate_fn=collator)
 
     cuda = device.type == "cuda"
-    ours_tps = tokens_per_second(ours, ours_loader, args.steps, args.warmup, device, bf16=cuda)
+    bf16 = use_bf16(args.precision or p.precision, device)
+    ours_tps = tokens_per_second(ours, ours_loader, args.steps, args.warmup, device, bf16=bf16)
     ref_tps = tokens_per_second(reference, ref_loader, args.steps, args.warmup, device, bf16=False)
     print(
         f"machine: {machine()}; {args.steps} steps of {p.batch_size} x {block} tokens, "
-        f"hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}"
+        f"hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}; "
+        f"ours in {'bf16 autocast' if bf16 else 'fp32'}, reference in fp32"
     )
     report("pretraining throughput", "tokens/s", ours_tps, ref_tps, target=2)
     if cuda:
