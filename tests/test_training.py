@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from transferpipe.errors import UserError
 from transferpipe.tracking import Run
-from transferpipe.training import fit, make_optimizer, seed_everything, train_loader, use_bf16
+from transferpipe.training import cpu_has_fast_bf16, fit, make_optimizer, seed_everything, train_loader, use_bf16
 
 
 class Regressor(nn.Module):
@@ -146,7 +146,7 @@ def test_train_loader_rejects_negative_workers() -> None:
 
 def test_precision_decides_bf16_autocast_per_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [use_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+    assert [use_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [cpu_has_fast_bf16(), True, False]
     assert [use_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
 
 

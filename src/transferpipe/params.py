@@ -81,8 +81,8 @@ class PretrainParams:
     seed: int = 42
     torch_compile: bool = False  # torch.compile the model for training (pays a compile at the start)
     num_workers: int = 0  # DataLoader worker processes preparing batches (and MLM masks) per training process
-    # auto: bf16 autocast on CUDA, fp32 on a CPU; bf16: autocast on any device (a CPU with native bf16,
-    # AVX512-BF16 or AMX, trains about 1.5-2x faster); fp32: never.
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX: about 1.8x the tokens/s of
+    # fp32), fp32 elsewhere; bf16: autocast on any device; fp32: never.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
