@@ -94,6 +94,19 @@ def test_sweep_becomes_a_table_and_a_plot(repo: tuple[Path, dict[str, str]]) -> 
     assert "| 5 | 2 |" in proc.stdout
 
 
+def test_only_keeps_the_experiments_with_a_param_value(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    proc = label_efficiency(root, env, "--out", "reports/seed1", "--only", "finetune.seed=1")
+    assert proc.returncode == 0, proc.stderr
+    with (root / "reports/seed1/label_efficiency.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["experiments"] for r in rows] == ["1", "1", "1"]
+    assert float(rows[1]["pretrained_mean"]) == pytest.approx(0.5 + 0.2 + 0.001)
+    assert "3 finished experiment(s) with finetune.seed=1." in (root / "reports/seed1/label_efficiency.md").read_text()
+    proc = label_efficiency(root, env, "--out", "reports/none", "--only", "finetune.seed")
+    assert proc.returncode == 2 and "expected key=value" in proc.stderr
+
+
 def test_no_experiments_is_one_line_and_exit_2(tmp_path: Path, repo: tuple[Path, dict[str, str]]) -> None:
     root, env = repo
     sh(["git", "clone", "-q", str(root), str(tmp_path / "clone")], tmp_path, env)

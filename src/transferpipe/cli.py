@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("reports/label_efficiency"),
         help="folder for label_efficiency.csv, .md and .png (default: reports/label_efficiency)",
     )
+    sweep.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep experiments with this param value, e.g. finetune.freeze_layers=0 (repeatable)",
+    )
     return parser
 
 
@@ -70,7 +77,7 @@ def _label_efficiency(args: argparse.Namespace) -> None:
     from transferpipe.label_efficiency import label_efficiency
     from transferpipe.report import repo_root_of
 
-    print(label_efficiency(repo_root_of(Path.cwd()), args.out))
+    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only))
 
 
 def _main(argv: list[str] | None) -> None:

@@ -10,7 +10,8 @@ pretrained encoder does not depend on the labels:
 This reads `dvc exp show --json` (the experiments of HEAD): each experiment's finetune.labels_per_class and
 metrics/evaluate.json, groups them by labels per class and gives mean and standard deviation over the
 experiments of each group (the seeds). Experiments that differ in any other param are mixed into the same
-groups, so the summary names those params.
+groups, so the summary names those params; `--only key=value` keeps the experiments with that param value
+(compare two recipes: `--only finetune.freeze_layers=0`, then `--only finetune.freeze_layers=4`).
 """
 
 from __future__ import annotations
@@ -162,16 +163,30 @@ def plot(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def label_efficiency(root: Path, out: Path) -> str:
+def select(experiments: list[Experiment], only: list[str]) -> list[Experiment]:
+    """The experiments whose params match every `key=value` (values compared as YAML reads them)."""
+    import yaml
+
+    for condition in only:
+        key, sep, value = condition.partition("=")
+        if not sep:
+            raise UserError(f"--only {condition!r}: expected key=value, e.g. finetune.freeze_layers=0")
+        wanted = yaml.safe_load(value)
+        experiments = [e for e in experiments if e.params.get(key) == wanted]
+    return experiments
+
+
+def label_efficiency(root: Path, out: Path, only: list[str] | None = None) -> str:
     """Writes out/label_efficiency.{csv,md,png}; returns the printed summary."""
     import pandas as pd
 
     experiments, unfinished = experiments_from_show(show_experiments(root))
+    experiments = select(experiments, only or [])
     rows, mixed = summarize(experiments)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "label_efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
     table = to_markdown(rows)
-    notes = [f"{len(experiments)} finished experiment(s)"]
+    notes = [f"{len(experiments)} finished experiment(s)" + (f" with {', '.join(only)}" if only else "")]
     if unfinished:
         notes.append(f"{unfinished} without evaluate metrics left out")
     if mixed:
