@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import BertConfig, PreTrainedTokenizerBase
 
 from transferpipe.data import prepare
 from transferpipe.params import ModelParams, PrepareParams, PretrainParams, TokenizeParams, load_section
@@ -30,6 +31,21 @@ def default_data(params: dict) -> tuple[dict, list[str]]:
     tok = params["tokenize"]
     tokenizer = train_wordpiece(data.splits["train"]["text"].tolist(), tok.vocab_size, tok.min_frequency, tok.lowercase)
     return data.splits, tokenizer
+
+
+def reference_bert_config(model: ModelParams, tokenizer: PreTrainedTokenizerBase, **extra: object) -> BertConfig:
+    """The reference paths' BERT at the configured sizes. Unlike modeling.new_encoder_config it keeps BERT's
+    default dropout (0.1), as the reference scripts train it."""
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model.hidden_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        intermediate_size=model.intermediate_size,
+        max_position_embeddings=model.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 def machine() -> str:

@@ -23,9 +23,9 @@ import time
 import datasets
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, get_scheduler
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, get_scheduler
 
-from bench.common import REPO, default_data, load, machine, report
+from bench.common import REPO, default_data, load, machine, reference_bert_config, report
 from transferpipe.evaluation import classification_metrics
 from transferpipe.finetuning import finetune
 from transferpipe.modeling import new_encoder_config
@@ -131,18 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     ref_tokenize = time.perf_counter() - start
     torch.manual_seed(ft.seed)
-    reference = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_hidden_layers,
-            num_attention_heads=m.num_attention_heads,
-            intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            num_labels=len(label_names),
-        )
-    )
+    reference = BertForSequenceClassification(reference_bert_config(m, tokenizer, num_labels=len(label_names)))
     ref_eps, ref_best = reference_finetune(reference, ref_data["train"], ref_data["validation"], label_names, ft)
 
     lengths = np.array([len(ids) for ids in ours_data["train"]["input_ids"]])

@@ -21,9 +21,9 @@ import time
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
-from bench.common import default_data, load, machine, report
+from bench.common import default_data, load, machine, reference_bert_config, report
 from transferpipe.modeling import count_parameters, pick_device, pretraining_model
 from transferpipe.tokenization import pack_blocks
 from transferpipe.training import use_bf16
@@ -99,17 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer(t, truncation=True, max_length=block, padding="max_length", return_special_tokens_mask=True)
         for t in texts
     ]
-    reference = BertForMaskedLM(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_hidden_layers,
-            num_attention_heads=m.num_attention_heads,
-            intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    reference = BertForMaskedLM(reference_bert_config(m, tokenizer))
     ref_loader = DataLoader(padded, batch_size=p.batch_size, shuffle=True, collate_fn=collator)
 
     cuda = device.type == "cuda"

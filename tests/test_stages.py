@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -133,15 +134,9 @@ def test_scratch_is_the_pretrained_encoders_own_starting_point(tmp_path: Path, p
     untrained = AutoModelForMaskedLM.from_pretrained(d / "again/m").state_dict()
     pretrained = AutoModelForMaskedLM.from_pretrained(d / "models/pretrained").state_dict()
     assert scratch.keys() == untrained.keys()
-    assert all(torch_equal(scratch[k], untrained[k]) for k in scratch)
-    assert not all(torch_equal(scratch[k], pretrained[k]) for k in scratch)  # pretraining changed the weights
+    assert all(torch.equal(scratch[k], untrained[k]) for k in scratch)
+    assert not all(torch.equal(scratch[k], pretrained[k]) for k in scratch)  # pretraining changed the weights
     assert json.loads((d / "models/scratch/training_run.json").read_text()) == {"mlflow_run_id": None}
-
-
-def torch_equal(a: object, b: object) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
 
 
 def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:

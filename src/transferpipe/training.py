@@ -163,6 +163,7 @@ def fit(
     if torch_compile:
         train_model = torch.compile(train_model)  # compiles on the first step (and on new input shapes)
     train_model.train()
+    bf16 = use_bf16(precision, device)  # decided once: on auto it asks the CPU what it supports
     main = distributed.is_main()
     start = time.perf_counter()
     progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not main)
@@ -174,7 +175,7 @@ def fit(
             on_epoch(epoch)
         current_epoch = epoch
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
