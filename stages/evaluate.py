@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
+    names = [folder.name for folder in args.models]
+    if len(set(names)) < len(names) or BASELINE in names:
+        raise UserError(f"--models folders need distinct names other than {BASELINE!r}: got {names}")
 
     params = load_section(args.params, "evaluate", EvaluateParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
@@ -55,9 +58,6 @@ def main(argv: list[str] | None = None) -> dict:
     test = datasets.load_from_disk(str(args.tokenized))["test"]
     y_true = test["labels"]
 
-    names = [folder.name for folder in args.models]
-    if len(set(names)) < len(names) or BASELINE in names:
-        raise UserError(f"--models folders need distinct names other than {BASELINE!r}: got {names}")
     device = pick_device()
     predictions = {}
     for folder in args.models:

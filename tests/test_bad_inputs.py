@@ -159,3 +159,17 @@ def test_pretrain_with_heads_not_dividing_hidden_size(tmp_path: Path, tiny_csv: 
     assert sorted(p.name for p in models.iterdir()) == ["tokenizer"]  # no pretrained folder, no temp sibling
     assert not (tmp_path / "metrics").exists()
     assert not (tmp_path / "plots").exists()
+
+
+def test_evaluate_refuses_models_with_the_same_name_before_reading_anything(tmp_path: Path) -> None:
+    """Each model's metrics are keyed by its folder name: two folders both called `pretrained` would
+    overwrite each other's scores."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    work = tmp_path / "out"
+    command = [sys.executable, "-m", "stages.evaluate", "--params", str(tiny_params(tmp_path))]
+    command += ["--data", str(tmp_path / "p"), "--tokenized", str(tmp_path / "t")]
+    command += ["--models", str(tmp_path / "a/pretrained"), str(tmp_path / "b/pretrained")]
+    command += ["--metrics", str(work / "evaluate.json"), "--plots", str(work / "plots")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert_user_error(result, "--models", "distinct names")
+    assert_nothing_written(work)
