@@ -15,7 +15,7 @@ import argparse
 import datasets
 
 from bench.common import default_data, load, machine, report, timed
-from transferpipe.tokenization import BATCH_DOCUMENTS, pack_tokenized, tokenize_documents, truncate_tokenized
+from transferpipe.tokenization import BATCH_DOCUMENTS, pack_tokenized, tokenize_documents, window_tokenized
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def ours() -> tuple:
         tokenized = tokenize_documents(tokenizer, documents, tok.num_proc)
-        return truncate_tokenized(tokenizer, tokenized, tok.max_length), pack_tokenized(tokenized, tok.block_size)
+        return window_tokenized(tokenizer, tokenized, tok.max_length), pack_tokenized(tokenized, tok.block_size)
 
     def reference() -> list[list[int]]:
         # The loop people write first: one call per example, then pack in Python.

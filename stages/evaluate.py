@@ -1,7 +1,9 @@
 """evaluate: test-set metrics of the fine-tuned models beside a TF-IDF + logistic-regression baseline.
 
 The fine-tuned models (pretrained, and trained from scratch) and the baseline learn from the same training
-labels and are scored with scikit-learn on the same test split. Each fine-tuned model's test metrics are
+labels and are scored with scikit-learn on the same test documents: a fine-tuned model's prediction for a
+document is the mean of its logits over the document's windows (tokenize.max_windows), the baseline reads the
+whole text. Each fine-tuned model's test metrics are
 also added to its finetune MLflow run, and the registered model's alias `champion` moves to a registered
 version when its test macro-F1 beats the current champion's.
 
@@ -27,7 +29,7 @@ from transformers import AutoModelForSequenceClassification
 from transferpipe.data import read_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
-from transferpipe.finetuning import collator_for, per_class_indices, predict_logits
+from transferpipe.finetuning import collator_for, document_logits, per_class_indices, predict_logits
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import pick_device
 from transferpipe.params import EvaluateParams, FinetuneParams, TrackingParams, load_section
@@ -56,14 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
     check_tracking(tracking)
     splits, label_names, _ = read_prepared(args.data)
     test = datasets.load_from_disk(str(args.tokenized))["test"]
-    y_true = test["labels"]
 
     device = pick_device()
     predictions = {}
     for folder in args.models:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
-        logits = predict_logits(model, test, collator_for(load_tokenizer(folder), device), params.batch_size, device)
+        windows = predict_logits(model, test, collator_for(load_tokenizer(folder), device), params.batch_size, device)
+        logits, y_true = document_logits(windows, test)  # a document: the mean logits of its windows
         predictions[folder.name] = logits.argmax(-1).tolist()
+    y_true = y_true.tolist()
     # The baseline learns from the same training labels as the fine-tuned models (finetune.labels_per_class).
     train = splits["train"].iloc[
         per_class_indices(splits["train"]["label"].tolist(), selection.labels_per_class, selection.seed)

@@ -5,7 +5,9 @@ dvc.yaml runs it twice (a foreach): on the pretrained encoder, and on the same a
 transferpipe.variant); only the pretrained variant is registered in the model registry.
 
 Separate learning rates for encoder and head, warmup then linear decay, optional freezing, evaluation on
-validation every epoch with early stopping on macro-F1, the best epoch's weights kept. The saved model
+validation every epoch with early stopping on macro-F1, the best epoch's weights kept. Training reads the first
+window (tokenize.max_length tokens) of each document; validation scores each document by the mean logits of
+all its windows (tokenize.max_windows). The saved model
 carries its label names: transformers.pipeline("text-classification", model=<out>) returns them.
 
 Inputs:  --data tokenized datasets (train, validation, labels.json), --encoder folder (from pretrain),
@@ -29,7 +31,7 @@ import datasets
 
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
-from transferpipe.finetuning import finetune
+from transferpipe.finetuning import finetune, first_windows
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import FinetuneParams, TrackingParams, load_section, to_flat_dict
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not is_main():
             return metrics  # rank 0 writes the outputs
         run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
-        examples = tokenizer.batch_decode(splits["validation"][:2]["input_ids"], skip_special_tokens=True)
+        examples = tokenizer.batch_decode(
+            first_windows(splits["validation"])[:2]["input_ids"], skip_special_tokens=True
+        )
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

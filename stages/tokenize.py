@@ -7,7 +7,8 @@ scratch folder beside --out, so a corpus larger than memory streams through (tok
 
 Inputs:  --data folder from prepare
 Outputs: --tokenizer folder (save_pretrained), --out datasets folder with splits
-         mlm_train, mlm_validation (packed blocks) and train, validation, test (truncated, unpadded)
+         mlm_train, mlm_validation (packed blocks) and train, validation, test (one row per window of a
+         document, unpadded: columns labels, input_ids, attention_mask, document, window)
 Params:  tokenize, model.checkpoint
 Run:     python -m stages.tokenize --params params.yaml --data data/prepared --tokenizer models/tokenizer \
              --out data/tokenized
@@ -32,7 +33,7 @@ from transferpipe.tokenization import (
     text_batches,
     tokenize_documents,
     train_wordpiece,
-    truncate_tokenized,
+    window_tokenized,
 )
 
 
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
             mlm_train=pack_tokenized(datasets.concatenate_datasets(mlm_train), params.block_size),
             # Held-out MLM loss is measured on validation articles, which the tokenizer never saw.
             mlm_validation=pack_tokenized(documents["validation"], params.block_size),
-            **{name: truncate_tokenized(tokenizer, docs, params.max_length) for name, docs in documents.items()},
+            **{
+                name: window_tokenized(tokenizer, docs, params.max_length, params.max_windows)
+                for name, docs in documents.items()
+            },
         )
         with atomic_dir(args.tokenizer) as tmp:
             tokenizer.save_pretrained(tmp)
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary = {
             "vocab_size": len(tokenizer),
             "pretraining_tokens": len(tokenized["mlm_train"]) * params.block_size,
-            **{f"{name}_examples": len(tokenized[name]) for name in splits},
+            **{f"{name}_documents": len(splits[name]) for name in splits},
+            **{f"{name}_windows": len(tokenized[name]) for name in splits},
         }
     print(f"tokenize: {summary}")
     return summary

@@ -73,3 +73,19 @@ def test_tfidf_logreg_learns_the_topics() -> None:
     assert len(predictions) == 50
     accuracy = float(np.mean(predictions == np.array(labels[100:])))
     assert accuracy > 0.8
+
+
+def test_a_document_is_scored_by_the_mean_logits_of_its_windows() -> None:
+    import datasets
+
+    from transferpipe.finetuning import document_logits
+
+    # Document 0 has three windows, 1 one, 2 two; rows in split order, as window_tokenized writes them.
+    split = datasets.Dataset.from_dict({"document": [0, 0, 0, 1, 2, 2], "labels": [2, 2, 2, 0, 1, 1]})
+    windows = np.array([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0, 5, 0], [0, -1, 0]])
+    logits, labels = document_logits(windows.astype(np.float32), split)
+    np.testing.assert_allclose(logits, [[2.0, 0.0, 1.0], [1.0, 2.0, 0.0], [0.0, 2.0, 0.0]])
+    assert labels.tolist() == [2, 0, 1]
+    # A shard (a selection) keeps its own documents, in order.
+    logits, labels = document_logits(windows[3:].astype(np.float32), split.select(range(3, 6)))
+    assert logits.shape == (2, 3) and labels.tolist() == [0, 1]

@@ -8,6 +8,7 @@ import math
 import shlex
 from pathlib import Path
 
+import datasets
 import mlflow
 import pytest
 import torch
@@ -62,7 +63,8 @@ def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
 def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every command of dvc.yaml run once, in a folder holding the tiny profile as params.yaml and the tiny
     CSV as the source; returns that folder."""
-    tiny_params(tmp_path, prepare={"source": str(tiny_csv)})
+    # 16-token windows: the synthetic documents (about 20 tokens) are cut into two.
+    tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tokenize={"max_length": 16})
     monkeypatch.chdir(tmp_path)
     for module, argv in dvc_commands():
         importlib.import_module(module).main(argv)
@@ -157,7 +159,9 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
         assert set(scores) == {"accuracy", "macro_f1"}
         per_class = json.loads((d / f"plots/evaluate/per_class_{model}.json").read_text())
         assert {r["label"] for r in per_class} == LABELS
-        assert sum(r["support"] for r in per_class) == 12
+        assert sum(r["support"] for r in per_class) == 12  # documents, not windows
+    windows = datasets.load_from_disk(str(d / "data/tokenized"))["test"]
+    assert len(windows) > 12 and sorted(set(windows["document"])) == list(range(12))  # several windows each
     # One row per model for the side-by-side bar plot, the same numbers as the metrics file.
     rows = json.loads((d / "plots/evaluate/models.json").read_text())
     assert rows == [{"model": m, **ev["test"][m]} for m in ("pretrained", "scratch", "tfidf_logreg")]

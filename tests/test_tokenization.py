@@ -108,7 +108,8 @@ def test_classification_inputs_are_truncated_not_padded(texts: list[str], tokeni
     labels = list(range(len(texts)))
     max_length = 12
     ds = tokenize_for_classification(tokenizer, texts + ["Short."], labels + [0], max_length)
-    assert set(ds.column_names) == {"labels", "input_ids", "attention_mask"}
+    assert set(ds.column_names) == {"labels", "input_ids", "attention_mask", "document", "window"}
+    assert ds["document"] == list(range(len(labels) + 1)) and set(ds["window"]) == {0}  # one window each
     lengths = [len(ids) for ids in ds["input_ids"]]
     assert max(lengths) == max_length  # long documents were cut
     assert lengths[-1] < max_length and len(set(lengths)) > 1  # short ones were not padded
@@ -129,6 +130,37 @@ def test_classification_truncation_matches_the_tokenizers_own(
         assert ds["attention_mask"] == expected["attention_mask"]
     assert ds.features["input_ids"].feature.dtype == "int32"  # the types datasets gives tokenizer output
     assert ds.features["attention_mask"].feature.dtype == "int8"
+
+
+def test_windows_cover_each_document_in_order(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Every id of a document lands in exactly one window, in order; window 0 is the plain truncation."""
+    texts = [row["text"] for row in make_corpus(n_per_class=300)]  # 1500 documents: two map batches
+    texts[1200] = " ".join(texts[:40])  # a long one in the second batch
+    labels = [i % 5 for i in range(len(texts))]
+    max_length = 12
+    ds = tokenize_for_classification(tokenizer, texts, labels, max_length, max_windows=None)
+    whole = tokenizer(texts)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert ds["document"] == sorted(ds["document"]) and set(ds["document"]) == set(range(len(texts)))
+    rows: dict[int, list[dict]] = {}
+    for row in ds:
+        rows.setdefault(row["document"], []).append(row)
+    assert len(rows[1200]) > 40  # the long document in the second batch is indexed globally
+    for doc, windows in rows.items():
+        assert [w["window"] for w in windows] == list(range(len(windows)))
+        assert all(w["labels"] == labels[doc] for w in windows)
+        assert all(w["input_ids"][0] == cls and w["input_ids"][-1] == sep for w in windows)
+        assert all(len(w["input_ids"]) <= max_length for w in windows)
+        assert [t for w in windows for t in w["input_ids"][1:-1]] == whole[doc][1:-1]
+    truncated = tokenize_for_classification(tokenizer, texts, labels, max_length)
+    assert truncated["input_ids"] == [rows[d][0]["input_ids"] for d in range(len(texts))]
+    capped = tokenize_for_classification(tokenizer, texts, labels, max_length, max_windows=3)
+    assert capped["input_ids"] == [w["input_ids"] for d in range(len(texts)) for w in rows[d][:3]]
+
+
+def test_max_windows_below_one_is_one_line(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(UserError, match="tokenize.max_windows=0 must be at least 1"):
+        tokenize_for_classification(tokenizer, ["a text"], [0], 12, max_windows=0)
 
 
 def test_num_proc_does_not_change_the_output(tokenizer: PreTrainedTokenizerFast) -> None:

@@ -46,6 +46,22 @@ def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, se
     return train.select(per_class_indices(train["labels"], labels_per_class, seed))
 
 
+def first_windows(split: datasets.Dataset) -> datasets.Dataset:
+    """The first window of each document (tokenization.window_tokenized): the rows training reads."""
+    return split.select(np.flatnonzero(np.asarray(split["window"]) == 0))
+
+
+def document_logits(window_logits: np.ndarray, split: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) per document of a windowed split, in document order: the mean of the logits of its
+    windows (rows of window_logits, in split order), and its label."""
+    documents, rows = np.unique(np.asarray(split["document"]), return_inverse=True)
+    sums = np.zeros((len(documents), window_logits.shape[1]), dtype=np.float64)
+    np.add.at(sums, rows, window_logits)
+    labels = np.empty(len(documents), dtype=np.int64)
+    labels[rows] = split["labels"]
+    return (sums / np.bincount(rows, minlength=len(documents))[:, None]).astype(np.float32), labels
+
+
 def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> DataCollatorWithPadding:
     """Pad each batch to its own longest sequence (multiples of 8 suit GPU tensor cores)."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
@@ -82,10 +98,11 @@ def finetune(
     run: Run,
     device: torch.device,
 ) -> FitResult:
-    """Train on splits["train"], evaluate macro-F1 on splits["validation"] every epoch, keep the best."""
+    """Train on the first window of each document of splits["train"]; every epoch, score macro-F1 on the
+    documents of splits["validation"] (the mean logits of each document's windows) and keep the best."""
     frozen = freeze(model, params.freeze_embeddings, params.freeze_layers)
     collator = collator_for(tokenizer, device)
-    train = subsample_per_class(splits["train"], params.labels_per_class, params.seed)
+    train = subsample_per_class(first_windows(splits["train"]), params.labels_per_class, params.seed)
     run.log_params({"frozen_parameters": frozen, "train_examples": len(train)})
     train = train.select_columns(
         [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
@@ -113,8 +130,8 @@ def finetune(
     def evaluate() -> dict[str, float]:
         # Each rank predicts its contiguous share; gathered in rank order, every rank scores all of validation.
         shard = validation.select(distributed.shard_range(len(validation)))
-        logits = distributed.gather_concat(predict_logits(model, shard, collator, params.batch_size * 2, device))
-        labels = np.asarray(validation["labels"])
+        windows = distributed.gather_concat(predict_logits(model, shard, collator, params.batch_size * 2, device))
+        logits, labels = document_logits(windows, validation)
         loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
         scores = classification_metrics(labels, logits.argmax(-1), label_names)
         return {"loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}

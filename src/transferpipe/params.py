@@ -58,7 +58,10 @@ class TokenizeParams:
     vocab_size: int = 8192
     min_frequency: int = 2
     lowercase: bool = True
-    max_length: int = 256  # classification inputs are truncated to this many tokens
+    max_length: int = 256  # classification inputs are windows of at most this many tokens
+    # Each document is cut into at most this many consecutive max_length windows (None: all of them). Training
+    # reads each document's first window; a prediction averages the logits of all its windows. 1: truncation.
+    max_windows: int | None = 8
     block_size: int = 128  # pretraining text is packed into blocks of exactly this many tokens
     # Worker processes for tokenizing (datasets.map); None or 1 tokenizes in-process (the fast tokenizer still
     # uses every core for each batch). Output is identical whatever the value.

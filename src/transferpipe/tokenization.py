@@ -1,7 +1,8 @@
 """Tokenizer training and the two tokenized views of the data.
 
 - the pretraining corpus, packed into fixed-length blocks (no padding is ever computed on);
-- the classification splits, truncated to max_length but not padded (padding happens per batch).
+- the classification splits: each document cut into windows of at most max_length tokens (the first one is the
+  tokenizer's own truncation), not padded (padding happens per batch).
 """
 
 from __future__ import annotations
@@ -107,22 +108,46 @@ def encode_documents(
     return offsets, np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
 
 
-def special_tokens_at_end(tokenizer: PreTrainedTokenizerBase) -> int:
-    """How many special tokens the tokenizer appends after a single text ([SEP]: 1)."""
-    mask = tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]
-    return len(mask) - len("".join(map(str, mask)).rstrip("1"))
+def special_tokens_around(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a single text ([CLS] ... [SEP]: (1, 1))."""
+    mask = "".join(map(str, tokenizer("a", return_special_tokens_mask=True)["special_tokens_mask"]))
+    return len(mask) - len(mask.lstrip("1")), len(mask) - len(mask.rstrip("1"))
 
 
-def truncate(offsets: np.ndarray, ids: np.ndarray, max_length: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut documents longer than max_length as the tokenizer's own truncation does: keep the first
-    max_length - tail ids and the `tail` special tokens at the end. Vectorized over the whole batch."""
+def windows(
+    offsets: np.ndarray, ids: np.ndarray, max_length: int, head: int, tail: int, max_windows: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each document into consecutive windows of at most max_length ids, each with the document's `head`
+    special tokens before and `tail` after, at most max_windows per document (None: all).
+
+    Window 0 is exactly the tokenizer's own truncation to max_length. Returns (window offsets, window ids,
+    document of each window, index of each window in its document). Vectorized over the whole batch.
+    """
     lengths = np.diff(offsets)
-    row = np.repeat(np.arange(len(lengths)), lengths)  # document of each id
-    position = np.arange(len(ids)) - offsets[:-1][row]  # position of each id inside its document
-    keep = (lengths[row] <= max_length) | (position < max_length - tail) | (position >= lengths[row] - tail)
-    new_offsets = np.zeros_like(offsets)
-    np.cumsum(np.minimum(lengths, max_length), out=new_offsets[1:])
-    return new_offsets, ids[keep]
+    width = max_length - head - tail  # content ids per window
+    if width < 1:
+        raise UserError(f"params tokenize.max_length={max_length} leaves no room beside {head + tail} special tokens")
+    content = np.maximum(lengths - head - tail, 0)
+    count = np.maximum(1, -(-content // width))
+    if max_windows is not None:
+        count = np.minimum(count, max_windows)
+    document = np.repeat(np.arange(len(lengths)), count)
+    first_window = np.repeat(np.cumsum(count) - count, count)
+    window = np.arange(len(document)) - first_window
+    start = window * width  # of the window's content, inside the document's content
+    size = head + np.minimum(width, content[document] - start) + tail
+    new_offsets = np.zeros(len(document) + 1, dtype=np.int64)
+    np.cumsum(size, out=new_offsets[1:])
+    # For each output id: its window, its position p in the window, and where it comes from in the document.
+    of = np.repeat(np.arange(len(document)), size)
+    p = np.arange(int(new_offsets[-1])) - new_offsets[:-1][of]
+    doc = document[of]
+    in_doc = np.where(
+        p < head,
+        p,
+        np.where(p < size[of] - tail, head + start[of] + p - head, lengths[doc] - (size[of] - p)),
+    )
+    return new_offsets, ids[offsets[:-1][doc] + in_doc], document, window
 
 
 def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -143,12 +168,17 @@ def _as_dataset(texts: list[str] | datasets.Dataset, labels: list[int] | None = 
 
 
 def _map_batches(
-    ds: datasets.Dataset, fn: Callable[[pa.Table], pa.Table], desc: str, num_proc: int | None = None
+    ds: datasets.Dataset,
+    fn: Callable[..., pa.Table],
+    desc: str,
+    num_proc: int | None = None,
+    with_indices: bool = False,
 ) -> datasets.Dataset:
     """ds.map over Arrow batches of BATCH_DOCUMENTS rows; fn returns the whole new table (old columns dropped)."""
     mapped = ds.with_format("arrow").map(
         fn,
         batched=True,
+        with_indices=with_indices,
         batch_size=BATCH_DOCUMENTS,
         remove_columns=ds.column_names,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
@@ -193,26 +223,40 @@ def pack_tokenized(documents: datasets.Dataset, block_size: int) -> datasets.Dat
     return _map_batches(documents, group, f"pack into {block_size}-token blocks")
 
 
-def truncate_tokenized(
-    tokenizer: PreTrainedTokenizerBase, documents: datasets.Dataset, max_length: int
+def window_tokenized(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: datasets.Dataset,
+    max_length: int,
+    max_windows: int | None = 1,
 ) -> datasets.Dataset:
-    """Classification inputs from tokenized documents (columns input_ids, label): truncated to max_length,
-    never padded, with `labels`, `attention_mask` (and `token_type_ids` if the tokenizer makes them)."""
-    tail = special_tokens_at_end(tokenizer)
+    """Classification inputs from tokenized documents (columns input_ids, label): each document cut into windows
+    of at most max_length tokens (see windows(); max_windows=1 is plain truncation), never padded.
+
+    One row per window, in document order, with `labels`, `input_ids`, `attention_mask` (and `token_type_ids`
+    if the tokenizer makes them), `document` (the row of its document in `documents`) and `window` (0 for
+    the first window of each document: the one training uses).
+    """
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"params tokenize.max_windows={max_windows} must be at least 1 (or null: every window)")
+    head, tail = special_tokens_around(tokenizer)
     token_types = "token_type_ids" in tokenizer.model_input_names
 
-    def cut(batch: pa.Table) -> pa.Table:
-        offsets, ids = truncate(*_parts(batch.column("input_ids")), max_length, tail)
+    def cut(batch: pa.Table, indices: list[int]) -> pa.Table:
+        offsets, ids, document, window = windows(
+            *_parts(batch.column("input_ids")), max_length, head, tail, max_windows
+        )
         columns = {
-            "labels": batch.column("label"),
+            "labels": batch.column("label").take(pa.array(document)),
             "input_ids": _lists(offsets, ids),
             "attention_mask": _lists(offsets, np.ones(len(ids), dtype=np.int8)),
         }
         if token_types:
             columns["token_type_ids"] = _lists(offsets, np.zeros(len(ids), dtype=np.int8))
+        columns["document"] = pa.array(np.asarray(indices, dtype=np.int64)[document])
+        columns["window"] = pa.array(window.astype(np.int32))
         return pa.table(columns)
 
-    return _map_batches(documents, cut, "truncate")
+    return _map_batches(documents, cut, "cut into windows", with_indices=True)
 
 
 def pack_blocks(
@@ -231,7 +275,9 @@ def tokenize_for_classification(
     labels: list[int] | None,
     max_length: int,
     num_proc: int | None = None,
+    max_windows: int | None = 1,
 ) -> datasets.Dataset:
-    """Truncated, unpadded classification inputs of (texts, labels), or of a dataset with text and label."""
+    """Unpadded classification inputs of (texts, labels), or of a dataset with text and label: window_tokenized
+    (by default each document truncated to its first window)."""
     documents = tokenize_documents(tokenizer, _as_dataset(texts, labels), num_proc)
-    return truncate_tokenized(tokenizer, documents, max_length)
+    return window_tokenized(tokenizer, documents, max_length, max_windows)
