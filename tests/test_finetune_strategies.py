@@ -100,6 +100,7 @@ def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Pat
                 "gradual_unfreezing": True,
                 "label_smoothing": 0.1,
                 "labels_per_class": 3,
+                "monitor": "loss",
             },
         )
     )
@@ -112,3 +113,8 @@ def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Pat
     )[0]
     assert run.data.params["train_examples"] == "15"
     assert run.data.params["finetune.label_smoothing"] == "0.1"
+    assert run.data.params["finetune.monitor"] == "loss"
+    # The epoch kept is the one with the lowest validation loss.
+    eval_rows = (tmp_path / "fp/eval.csv").read_text().splitlines()
+    losses = [float(row.split(",")[2]) for row in eval_rows[1:]]
+    assert metrics["validation"]["loss"] == pytest.approx(min(losses), rel=1e-5)

@@ -80,6 +80,18 @@ def test_early_stopping_restores_the_best_weights() -> None:
         assert torch.equal(value, seen[1][key]), key
 
 
+def test_a_lower_is_better_monitor_keeps_the_lowest() -> None:
+    """finetune.monitor: loss. The same scores as above, now losses: the best is 0.1, and the run stops after
+    evaluations 2, 3 and 4 brought nothing lower."""
+    seed_everything(0)
+    model = Regressor()
+    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], monitor="score", higher_is_better=False, patience=3)
+    assert result.stopped_early and result.steps == 16
+    assert result.best["score"] == 0.1 and result.best["step"] == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, seen[0][key]), key
+
+
 def test_without_monitor_the_last_evaluation_is_kept() -> None:
     result, seen = run_fit(Regressor(), [0.3, 0.2])
     assert result.best["step"] == 8 and not result.stopped_early

@@ -109,7 +109,10 @@ class FinetuneParams:
     gradual_unfreezing: bool = False
     label_smoothing: float = 0.0
     labels_per_class: int | Literal["all"] = "all"  # a stratified, seeded subsample of the training labels
-    early_stopping_patience: int = 3  # epochs without a better validation macro-F1
+    # The validation metric that picks the epoch kept and stops training early: macro_f1 (higher is better) or
+    # loss (cross-entropy, lower is better; smoother than macro-F1 on a small validation set)
+    monitor: Literal["macro_f1", "loss"] = "macro_f1"
+    early_stopping_patience: int = 3  # epochs without a better validation `monitor`
     max_grad_norm: float = 1.0
     seed: int = 42
     torch_compile: bool = False  # torch.compile the model for training (recompiles for new padded lengths)

@@ -130,6 +130,7 @@ def fit(
     run: Run,
     device: torch.device,
     monitor: str | None = None,
+    higher_is_better: bool = True,
     patience: int | None = None,
     compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
     on_epoch: Callable[[int], None] | None = None,
@@ -140,11 +141,11 @@ def fit(
 ) -> FitResult:
     """Train for total_steps; evaluate every eval_every steps and at the end.
 
-    With `monitor` (a key of evaluate()'s result, higher is better) the best weights are restored at the
-    end, and training stops once `patience` evaluations in a row brought no improvement. `compute_loss`
-    replaces the model's own loss (it receives the model as wrapped for training); `on_epoch(epoch)` runs
-    before the first step of every epoch. `model` itself is never wrapped: evaluate() and saving use it,
-    and its state_dict keys stay those of save_pretrained.
+    With `monitor` (a key of evaluate()'s result; higher is better unless higher_is_better=False) the best
+    weights are restored at the end, and training stops once `patience` evaluations in a row brought no
+    improvement. `compute_loss` replaces the model's own loss (it receives the model as wrapped for
+    training); `on_epoch(epoch)` runs before the first step of every epoch. `model` itself is never
+    wrapped: evaluate() and saving use it, and its state_dict keys stay those of save_pretrained.
     """
     scheduler = get_scheduler(
         "linear",
@@ -153,6 +154,7 @@ def fit(
         num_training_steps=total_steps,
     )
     result = FitResult(steps=0, seconds=0.0)
+    sign = 1.0 if higher_is_better else -1.0
     best_score, best_state, bad_evals = -math.inf, None, 0
     tokens = examples = 0
     eval_seconds = 0.0  # excluded from throughput
@@ -215,8 +217,8 @@ def fit(
                 tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if monitor is None:
                 result.best = row
-            elif metrics[monitor] > best_score:
-                best_score, bad_evals, result.best = metrics[monitor], 0, row
+            elif sign * metrics[monitor] > best_score:
+                best_score, bad_evals, result.best = sign * metrics[monitor], 0, row
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 bad_evals += 1
