@@ -14,7 +14,7 @@ Inputs:  --data tokenized datasets (train, validation, labels.json), --encoder f
          --variant pretrained | scratch
 Outputs: --out save_pretrained folder (+ training_run.json: MLflow run id and registered model version),
          --metrics JSON, --plots folder
-Params:  finetune, tracking
+Params:  finetune, tracking, tokenize.max_length (the logged MLflow model truncates texts to it)
 Run:     python -m stages.finetune --params params.yaml --data data/tokenized --encoder models/pretrained \
              --variant pretrained --out models/finetuned/pretrained --metrics metrics/finetune/pretrained.json \
              --plots plots/finetune/pretrained
@@ -34,7 +34,7 @@ from transferpipe.errors import run_cli
 from transferpipe.finetuning import finetune, first_windows
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
-from transferpipe.params import FinetuneParams, TrackingParams, load_section, to_flat_dict
+from transferpipe.params import FinetuneParams, TokenizeParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, start_run
 from transferpipe.training import seed_everything
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     params = load_section(args.params, "finetune", FinetuneParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
+    max_length = load_section(args.params, "tokenize", TokenizeParams).max_length  # the MLflow model's truncation
     check_tracking(tracking)
     seed_everything(params.seed)
     splits = datasets.load_from_disk(str(args.data))
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer.save_pretrained(tmp)
             # Logged and registered before the folder is in place: its training_run.json names the version.
             registry_name = tracking.registered_model_name if args.variant == "pretrained" else None
-            version = run.log_text_classifier(tmp, examples, registry_name)
+            version = run.log_text_classifier(tmp, examples, registry_name, max_length)
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)

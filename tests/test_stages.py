@@ -219,6 +219,14 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
     pred = model.predict(["bank shares market profit economy", "film music star award"])
     assert set(pred["label"]) <= LABELS
     assert len(pred) == 2
+    # A text far longer than a window is scored on its first tokenize.max_length (16) tokens, as in training.
+    from transformers import pipeline
+
+    long_text = "bank shares market profit economy film music star award " * 20
+    local = pipeline("text-classification", model=str(pipeline_dir / "models/finetuned/pretrained"))
+    first_window = local(long_text, truncation=True, max_length=16)[0]["score"]
+    assert model.predict([long_text])["score"][0] == pytest.approx(first_window, rel=1e-4)
+    assert local(long_text)[0]["score"] != pytest.approx(first_window, rel=1e-4)  # untruncated differs
 
 
 def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:

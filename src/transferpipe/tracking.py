@@ -87,9 +87,16 @@ class Run:
             _retry_locked(lambda: mlflow.log_artifacts(str(folder), artifact_path=artifact_path))
 
     def log_text_classifier(
-        self, model_dir: Path, example_texts: list[str], registered_model_name: str | None = None
+        self,
+        model_dir: Path,
+        example_texts: list[str],
+        registered_model_name: str | None = None,
+        max_length: int | None = None,
     ) -> str | None:
         """The fine-tuned model as an MLflow transformers model: pyfunc predict(texts) gives label names.
+
+        With max_length, pyfunc predict truncates each text to its first max_length tokens (the window the
+        model was trained on) instead of running a long text through positions training never saw.
 
         With a registered_model_name it becomes a new version of that registered model, with alias
         `candidate` pointing at it; returns the version (a string, as in `models:/<name>/<version>`).
@@ -110,6 +117,7 @@ class Run:
                 name="model",
                 task="text-classification",
                 input_example=example_texts[:2],
+                model_config={"truncation": True, "max_length": max_length} if max_length else None,
                 # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
                 pip_requirements=[
                     f"torch=={torch.__version__.split('+')[0]}",
