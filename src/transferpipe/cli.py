@@ -1,10 +1,12 @@
 """The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs), `compare`
-(MLflow finetune runs side by side) and `label-efficiency` (a labels-per-class sweep of DVC experiments as a
-table and a plot). Mistakes print one line, `error: ...`, and exit 2.
+(MLflow finetune runs side by side), `label-efficiency` (a labels-per-class sweep of DVC experiments as a
+table and a plot) and `probe` (a linear probe of frozen encoders). Mistakes print one line, `error: ...`, and
+exit 2.
 
     transferpipe report --base main --out report.md --images-dir report_images
     transferpipe compare --csv runs.csv --markdown runs.md
     transferpipe label-efficiency --out reports/label_efficiency
+    transferpipe probe --encoder models/pretrained models/scratch --labels-per-class 20
 """
 
 from __future__ import annotations
@@ -53,7 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="keep experiments with this param value, e.g. finetune.freeze_layers=0 (repeatable)",
     )
+
+    probe = sub.add_parser(
+        "probe", help="linear probe: logistic regression on frozen encoder features, test macro-F1 (no fine-tuning)"
+    )
+    probe.add_argument(
+        "--encoder", type=Path, nargs="+", default=[Path("models/pretrained")], help="encoder folders (pretrain's)"
+    )
+    probe.add_argument("--data", type=Path, default=Path("data/tokenized"), help="tokenized datasets (tokenize's)")
+    probe.add_argument(
+        "--labels-per-class", type=_labels_per_class, default=20, help="training labels per class, or all (default 20)"
+    )
+    probe.add_argument("--seed", type=int, default=1, help="seed of the labeled subsample (default 1)")
     return parser
+
+
+def _labels_per_class(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {value!r}") from None
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -80,9 +103,23 @@ def _label_efficiency(args: argparse.Namespace) -> None:
     print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only))
 
 
+def _probe(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
+    from transferpipe.probe import linear_probe
+
+    logging.set_verbosity_error()  # no load report for the head the probe never uses
+    for encoder in args.encoder:
+        result = linear_probe(encoder, args.data, args.labels_per_class, args.seed)
+        print(
+            f"probe {encoder}: test macro-F1 {result['macro_f1']:.4f}, accuracy {result['accuracy']:.4f} "
+            f"({result['train_documents']} training documents, {result['test_documents']} test documents)"
+        )
+
+
 def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"report": _report, "compare": _compare, "label-efficiency": _label_efficiency}
+    handlers = {"report": _report, "compare": _compare, "label-efficiency": _label_efficiency, "probe": _probe}
     handlers[args.command](args)
 
 
