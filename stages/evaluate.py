@@ -2,10 +2,10 @@
 
 The fine-tuned models (pretrained, and trained from scratch) and the baseline learn from the same training
 labels and are scored with scikit-learn on the same test documents: a fine-tuned model's prediction for a
-document is the mean of its logits over the document's windows (tokenize.max_windows), the baseline reads the
-whole text. Each fine-tuned model's test metrics are
-also added to its finetune MLflow run, and the registered model's alias `champion` moves to a registered
-version when its test macro-F1 beats the current champion's.
+document is the mean of its logits over the document's windows (tokenize.max_windows), the baseline reads
+the whole text. Each fine-tuned model's test metrics are also added to its finetune MLflow run, and the
+registered model's alias `champion` moves to a registered version when its test macro-F1 beats the current
+champion's.
 
 Inputs:  --data prepared splits (raw text, for the baseline), --tokenized test split, --models folders
          (each named after its variant: models/finetuned/pretrained ...)

@@ -5,10 +5,10 @@ dvc.yaml runs it twice (a foreach): on the pretrained encoder, and on the same a
 transferpipe.variant); only the pretrained variant is registered in the model registry.
 
 Separate learning rates for encoder and head, warmup then linear decay, optional freezing, evaluation on
-validation every epoch with early stopping on macro-F1, the best epoch's weights kept. Training reads the first
-window (tokenize.max_length tokens) of each document; validation scores each document by the mean logits of
-all its windows (tokenize.max_windows). The saved model
-carries its label names: transformers.pipeline("text-classification", model=<out>) returns them.
+validation every epoch with early stopping on finetune.monitor, the best epoch's weights kept. Training reads
+the first window (tokenize.max_length tokens) of each document; validation scores each document by the mean
+logits of all its windows (tokenize.max_windows). The saved model carries its label names:
+transformers.pipeline("text-classification", model=<out>) returns them.
 
 Inputs:  --data tokenized datasets (train, validation, labels.json), --encoder folder (from pretrain),
          --variant pretrained | scratch
