@@ -161,6 +161,8 @@ def test_windows_cover_each_document_in_order(tokenizer: PreTrainedTokenizerFast
 def test_max_windows_below_one_is_one_line(tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(UserError, match="tokenize.max_windows=0 must be at least 1"):
         tokenize_for_classification(tokenizer, ["a text"], [0], 12, max_windows=0)
+    with pytest.raises(UserError, match="tokenize.max_length=2 leaves no room beside 2 special tokens"):
+        tokenize_for_classification(tokenizer, ["a text"], [0], 2)
 
 
 def test_num_proc_does_not_change_the_output(tokenizer: PreTrainedTokenizerFast) -> None:

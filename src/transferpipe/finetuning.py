@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -67,6 +67,18 @@ def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Da
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the columns a model's forward takes
+
+
+def model_batches(
+    dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The model-input columns of dataset in batches, in order, padded by collator, on device."""
+    columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
+    for batch in DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator):
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def predict_logits(
     model: PreTrainedModel,
@@ -77,11 +89,8 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits for every example, in dataset order: (n_examples, n_labels)."""
     model.to(device).eval()
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-    loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator)
     out = []
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for batch in model_batches(dataset, collator, batch_size, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(**batch).logits.float().cpu())
     if not out:  # an empty shard of a small validation set under torchrun
@@ -104,9 +113,7 @@ def finetune(
     collator = collator_for(tokenizer, device)
     train = subsample_per_class(first_windows(splits["train"]), params.labels_per_class, params.seed)
     run.log_params({"frozen_parameters": frozen, "train_examples": len(train)})
-    train = train.select_columns(
-        [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
-    )
+    train = train.select_columns([c for c in (*MODEL_INPUTS, "labels") if c in train.column_names])
     loader = train_loader(
         train,
         batch_size=params.batch_size,

@@ -16,11 +16,10 @@ import datasets
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from torch.utils.data import DataLoader
 
 from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
-from transferpipe.finetuning import collator_for, document_logits, first_windows, per_class_indices
+from transferpipe.finetuning import collator_for, document_logits, first_windows, model_batches, per_class_indices
 from transferpipe.io import read_json
 from transferpipe.modeling import encoder_of, pick_device, sequence_classifier
 from transferpipe.tokenization import load_tokenizer
@@ -29,11 +28,8 @@ from transferpipe.tokenization import load_tokenizer
 @torch.no_grad()
 def pooled_features(encoder: torch.nn.Module, split: datasets.Dataset, collator, batch_size: int) -> np.ndarray:
     """(n_windows, hidden): each window's last hidden states, mean-pooled over its tokens, L2-normalized."""
-    device = next(encoder.parameters()).device
-    columns = [c for c in ("input_ids", "attention_mask") if c in split.column_names]
     out = []
-    for batch in DataLoader(split.select_columns(columns), batch_size=batch_size, collate_fn=collator):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for batch in model_batches(split, collator, batch_size, next(encoder.parameters()).device):
         hidden = encoder(**batch).last_hidden_state.float()  # (batch, length, hidden)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -124,9 +124,7 @@ def windows(
     document of each window, index of each window in its document). Vectorized over the whole batch.
     """
     lengths = np.diff(offsets)
-    width = max_length - head - tail  # content ids per window
-    if width < 1:
-        raise UserError(f"params tokenize.max_length={max_length} leaves no room beside {head + tail} special tokens")
+    width = max_length - head - tail  # content ids per window (window_tokenized checks it is at least 1)
     content = np.maximum(lengths - head - tail, 0)
     count = np.maximum(1, -(-content // width))
     if max_windows is not None:
@@ -145,7 +143,7 @@ def windows(
     in_doc = np.where(
         p < head,
         p,
-        np.where(p < size[of] - tail, head + start[of] + p - head, lengths[doc] - (size[of] - p)),
+        np.where(p < size[of] - tail, start[of] + p, lengths[doc] - (size[of] - p)),
     )
     return new_offsets, ids[offsets[:-1][doc] + in_doc], document, window
 
@@ -239,6 +237,8 @@ def window_tokenized(
     if max_windows is not None and max_windows < 1:
         raise UserError(f"params tokenize.max_windows={max_windows} must be at least 1 (or null: every window)")
     head, tail = special_tokens_around(tokenizer)
+    if max_length - head - tail < 1:
+        raise UserError(f"params tokenize.max_length={max_length} leaves no room beside {head + tail} special tokens")
     token_types = "token_type_ids" in tokenizer.model_input_names
 
     def cut(batch: pa.Table, indices: list[int]) -> pa.Table:
