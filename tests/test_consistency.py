@@ -139,3 +139,12 @@ def test_stages_import_the_package_code_beside_them(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == tmp_path / "src" / "transferpipe" / "__init__.py"
+
+
+def test_readme_gpu_command_sets_what_bench_gpu_scale_runs() -> None:
+    from bench.gpu_scale import GPU_SCALE
+
+    readme = (REPO / "README.md").read_text()
+    command = readme[readme.index("## On a GPU") :].split("```bash")[2].split("```")[0]
+    pairs = dict(re.findall(r"-S ([\w.]+)=(\S+)", command))
+    assert {key: yaml.safe_load(value) for key, value in pairs.items()} == GPU_SCALE
