@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "best_epoch": best["epoch"] + 1,
                 "steps": result.steps,
                 "examples_per_second": round(result.examples_per_second, 1),
+                "skipped_steps": result.skipped_steps,
             },
         }
         if not is_main():

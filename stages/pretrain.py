@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train": {
                 "steps": result.steps,
                 "tokens_per_second": round(result.tokens_per_second, 1),
+                "skipped_steps": result.skipped_steps,
                 "parameters": count_parameters(model),
             },
         }

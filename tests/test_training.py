@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,35 @@ def test_a_lower_is_better_monitor_keeps_the_lowest() -> None:
 def test_without_monitor_the_last_evaluation_is_kept() -> None:
     result, seen = run_fit(Regressor(), [0.3, 0.2])
     assert result.best["step"] == 8 and not result.stopped_early
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted() -> None:
+    """Seen on a GPU: one batch's NaN gradients, clipped and applied, made every weight NaN. fit() skips that
+    update instead and counts it; the other steps train as usual."""
+    seed_everything(0)
+    model = Regressor()
+    poisoned = loader()
+    poisoned.dataset[5]["input_ids"] = torch.tensor([float("nan"), 0.0, 0.0, 0.0])  # in one batch per epoch
+    optimizer = make_optimizer([{"params": list(model.parameters())}], 0.05, 0.98, torch.device("cpu"))
+    result = fit(
+        model,
+        poisoned,
+        optimizer=optimizer,
+        total_steps=40,  # 10 epochs of 4 batches
+        warmup_ratio=0.25,
+        max_grad_norm=1.0,
+        eval_every=40,
+        evaluate=lambda: {"loss": 0.0},
+        run=Run(None),
+        device=torch.device("cpu"),
+        log_every=1,
+    )
+    assert result.skipped_steps == 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    losses = [r["loss"] for r in result.train_rows]
+    assert sum(math.isnan(x) for x in losses) == 10  # a logging window of skipped steps only has no loss
+    finite = [x for x in losses if not math.isnan(x)]
+    assert sum(finite[-4:]) < sum(finite[:4]) * 0.75  # still learning
 
 
 def test_curves_are_written_as_csv(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ def train_wordpiece(
     """A BERT-style WordPiece tokenizer trained with the `tokenizers` library (Rust, batched).
 
     `texts` may be an iterator of batches (text_batches): the trainer keeps word counts, never the corpus.
+    Its ids are renumbered (renumber_wordpiece), so that retraining on the same text gives the same ids
+    whenever the trainer learned the same tokens (on the default data, every time so far).
     """
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -36,6 +38,7 @@ def train_wordpiece(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    renumber_wordpiece(tok)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -52,6 +55,18 @@ def train_wordpiece(
         mask_token="[MASK]",
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def renumber_wordpiece(tok: Tokenizer) -> None:
+    """Give a trained WordPiece vocabulary fixed ids: the special tokens first, then the others sorted.
+
+    The trainer numbers its tokens in hash-map order, different on every run even when it learned the very
+    same tokens, and the ids decide which embedding row each token gets. WordPiece splits a word by longest
+    match in the vocabulary, which the numbering does not touch.
+    """
+    learned = sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *learned])}
+    tok.model = models.WordPiece(vocab, unk_token="[UNK]")
 
 
 def text_batches(parts: Iterable[datasets.Dataset], batch_size: int = 1000) -> Iterator[list[str]]:

@@ -80,6 +80,7 @@ class FitResult:
     tokens_per_second: float = 0.0  # training steps only, evaluations excluded
     examples_per_second: float = 0.0
     stopped_early: bool = False
+    skipped_steps: int = 0  # steps whose gradients were not finite: no update was made
 
     def write_curves(self, folder: Path) -> None:
         """train.csv (step, loss, learning_rate) and eval.csv (step, epoch, eval metrics): DVC plots."""
@@ -180,21 +181,35 @@ def fit(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        # The norm is of the gradients as DDP all-reduced them, so every rank takes the same branch.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            running += loss.item()
+            running_n += 1
+        else:  # one NaN or inf gradient would make every weight NaN: skip the update, as AMP's GradScaler does
+            result.skipped_steps += 1
+            if main:
+                tqdm.write(f"{desc} step {step}: gradients are not finite (loss {loss.item():.4g}); update skipped")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         examples += batch["input_ids"].shape[0]
-        running += loss.item()
-        running_n += 1
         progress.update(1)
         if step % log_every == 0 or step == total_steps:
-            loss_mean = distributed.all_mean(running / running_n, device)  # over ranks: the global batch's
+            # Over ranks: the global batch's. A window of skipped steps only has no loss (NaN).
+            loss_mean = distributed.all_mean(running / running_n if running_n else math.nan, device)
             row = {"step": step, "loss": loss_mean, "learning_rate": scheduler.get_last_lr()[0]}
             result.train_rows.append(row)
-            run.log_metrics({"train/loss": row["loss"], "train/learning_rate": row["learning_rate"]}, step)
+            run.log_metrics(
+                {
+                    "train/loss": row["loss"],
+                    "train/learning_rate": row["learning_rate"],
+                    "train/skipped_steps": result.skipped_steps,
+                },
+                step,
+            )
             progress.set_postfix(loss=f"{row['loss']:.3f}")
             running, running_n = 0.0, 0
 
