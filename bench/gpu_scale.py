@@ -63,7 +63,7 @@ def write_params(path: Path, base: dict, overrides: dict) -> Path:
 
 def pretrain_stage(params: Path, out: Path, tag: str) -> dict:
     return pretrain.main(
-        ["--params", str(params), "--data", str(out / "tokenized"), "--tokenizer", str(out / "tokenizer"),
+        ["--params", str(params), "--data", str(out / "blocks"), "--tokenizer", str(out / "tokenizer"),
          "--out", str(out / tag / "pretrained"), "--scratch", str(out / tag / "scratch"),
          "--metrics", str(out / tag / "pretrain.json"), "--plots", str(out / tag / "plots")]
     )  # fmt: skip
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
 
     tokenize.main(["--params", str(params), "--data", str(args.data), "--tokenizer", str(args.out / "tokenizer"),
-                   "--out", str(args.out / "tokenized")])  # fmt: skip
+                   "--blocks", str(args.out / "blocks"), "--out", str(args.out / "tokenized")])  # fmt: skip
     timings["tokenize_s"] = time.perf_counter() - start
 
     if args.pretrain_minutes:

@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
             documents, text_mb = write_prepared(d / "prepared", args.size_mb * scale)
             made = time.perf_counter() - start
             cmd = [sys.executable, "-m", "stages.tokenize", "--params", f"{tmp}/params.yaml", "--data",
-                   f"{d}/prepared", "--tokenizer", f"{d}/tokenizer", "--out", f"{d}/tokenized"]  # fmt: skip
+                   f"{d}/prepared", "--tokenizer", f"{d}/tokenizer", "--blocks", f"{d}/blocks",
+                   "--out", f"{d}/tokenized"]  # fmt: skip
             rss, anon, seconds = peak_memory_mb(cmd, env)
-            size = sum(f.stat().st_size for f in (d / "tokenized").rglob("*")) / 1e6
+            size = sum(f.stat().st_size for part in ("blocks", "tokenized") for f in (d / part).rglob("*")) / 1e6
             print(
                 f"  {scale:>2}x: {text_mb:6.0f} MB of text, {documents:,} documents (made in {made:.0f} s): "
                 f"tokenize {seconds:.0f} s, peak RSS {rss:,.0f} MB (anonymous {anon:,.0f} MB), output {size:,.0f} MB"

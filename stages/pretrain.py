@@ -5,12 +5,12 @@ pretrain.enabled false the starting encoder is saved untrained, so finetune star
 Beside it goes the same architecture untrained (--scratch): the no-pretraining baseline that finetune
 also trains, so every run measures what pretraining is worth.
 
-Inputs:  --data tokenized datasets (mlm_train, mlm_validation), --tokenizer folder
+Inputs:  --data packed blocks from tokenize --blocks (mlm_train, mlm_validation), --tokenizer folder
 Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.json),
          --scratch the same architecture with its initial random weights (same layout),
          --metrics JSON (DVC metrics), --plots folder (train.csv, eval.csv)
 Params:  model, pretrain, tracking
-Run:     python -m stages.pretrain --params params.yaml --data data/tokenized --tokenizer models/tokenizer \
+Run:     python -m stages.pretrain --params params.yaml --data data/blocks --tokenizer models/tokenizer \
              --out models/pretrained --scratch models/scratch --metrics metrics/pretrain.json --plots plots/pretrain
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
          writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)

@@ -6,12 +6,15 @@ The prepared Parquet files are read as memory-mapped Arrow datasets and every st
 scratch folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
 
 Inputs:  --data folder from prepare
-Outputs: --tokenizer folder (save_pretrained), --out datasets folder with splits
-         mlm_train, mlm_validation (packed blocks) and train, validation, test (one row per window of a
-         document, unpadded: columns labels, input_ids, attention_mask, document, window)
+Outputs: --tokenizer folder (save_pretrained),
+         --blocks datasets folder with splits mlm_train, mlm_validation (packed blocks: what pretrain reads),
+         --out datasets folder with splits train, validation, test (one row per window of a document,
+         unpadded: columns labels, input_ids, attention_mask, document, window) and labels.json.
+         Apart, so that a param of the classification inputs (max_length, max_windows) leaves the blocks,
+         and with them the pretrained encoder, as they were.
 Params:  tokenize, model.checkpoint
 Run:     python -m stages.tokenize --params params.yaml --data data/prepared --tokenizer models/tokenizer \
-             --out data/tokenized
+             --blocks data/blocks --out data/tokenized
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import datasets
 
 from transferpipe.data import open_prepared
-from transferpipe.errors import run_cli
+from transferpipe.errors import UserError, run_cli
 from transferpipe.io import atomic_dir
 from transferpipe.params import ModelParams, TokenizeParams, load_section
 from transferpipe.tokenization import (
@@ -42,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--blocks", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.blocks.resolve() == args.out.resolve():
+        raise UserError(f"--blocks and --out must be different folders, both are {args.out}")
 
     params = load_section(args.params, "tokenize", TokenizeParams)
     checkpoint = load_section(args.params, "model", ModelParams).checkpoint
@@ -65,23 +71,27 @@ def main(argv: list[str] | None = None) -> dict:
         mlm_train = [documents["train"].select_columns(["input_ids"])]
         if len(unlabeled):
             mlm_train.append(tokenize_documents(tokenizer, unlabeled, params.num_proc))
-        tokenized = datasets.DatasetDict(
+        blocks = datasets.DatasetDict(
             mlm_train=pack_tokenized(datasets.concatenate_datasets(mlm_train), params.block_size),
             # Held-out MLM loss is measured on validation articles, which the tokenizer never saw.
             mlm_validation=pack_tokenized(documents["validation"], params.block_size),
-            **{
+        )
+        tokenized = datasets.DatasetDict(
+            {
                 name: window_tokenized(tokenizer, docs, params.max_length, params.max_windows)
                 for name, docs in documents.items()
-            },
+            }
         )
         with atomic_dir(args.tokenizer) as tmp:
             tokenizer.save_pretrained(tmp)
+        with atomic_dir(args.blocks) as tmp:
+            blocks.save_to_disk(tmp)
         with atomic_dir(args.out) as tmp:
             tokenized.save_to_disk(tmp)
             (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
         summary = {
             "vocab_size": len(tokenizer),
-            "pretraining_tokens": len(tokenized["mlm_train"]) * params.block_size,
+            "pretraining_tokens": len(blocks["mlm_train"]) * params.block_size,
             **{f"{name}_documents": len(splits[name]) for name in splits},
             **{f"{name}_windows": len(tokenized[name]) for name in splits},
         }

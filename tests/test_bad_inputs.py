@@ -127,7 +127,12 @@ def test_tokenize_without_prepared_data_says_run_prepare(tmp_path: Path) -> None
     empty.mkdir()
     work = tmp_path / "work"
     result = run_stage(
-        "tokenize", params=tiny_params(tmp_path), data=empty, tokenizer=work / "tokenizer", out=work / "tokenized"
+        "tokenize",
+        params=tiny_params(tmp_path),
+        data=empty,
+        tokenizer=work / "tokenizer",
+        blocks=work / "blocks",
+        out=work / "tokenized",
     )
     assert_user_error(result, "prepare")
     assert_nothing_written(work)
@@ -143,12 +148,18 @@ def test_pretrain_with_heads_not_dividing_hidden_size(tmp_path: Path, tiny_csv: 
     data, models = tmp_path / "data", tmp_path / "models"
     prepare_stage.main(flags(params=params, out=data / "prepared", stats=tmp_path / "data.json"))
     tokenize_stage.main(
-        flags(params=params, data=data / "prepared", tokenizer=models / "tokenizer", out=data / "tokenized")
+        flags(
+            params=params,
+            data=data / "prepared",
+            tokenizer=models / "tokenizer",
+            blocks=data / "blocks",
+            out=data / "tokenized",
+        )
     )
     result = run_stage(
         "pretrain",
         params=params,
-        data=data / "tokenized",
+        data=data / "blocks",
         tokenizer=models / "tokenizer",
         out=models / "pretrained",
         scratch=models / "scratch",

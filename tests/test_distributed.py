@@ -56,7 +56,7 @@ def csv_column(path: Path, column: str) -> list[float]:
 
 
 def pretrain_argv(d: Path, out: Path) -> list[str]:
-    return ["--params", str(d / "params.yaml"), "--data", str(d / "t"), "--tokenizer", str(d / "tok"),
+    return ["--params", str(d / "params.yaml"), "--data", str(d / "b"), "--tokenizer", str(d / "tok"),
             "--out", str(out / "m"), "--scratch", str(out / "s"), "--metrics", str(out / "m.json"),
             "--plots", str(out / "pl")]  # fmt: skip
 

@@ -88,11 +88,15 @@ def stage_args(d: Path, params: Path, stage: str, tag: str = "") -> list[str]:
     if stage == "prepare":
         return [*p, "--out", f"{d}/data/prepared", "--stats", f"{d}/metrics/data.json"]
     if stage == "tokenize":
-        return [*p, "--data", f"{d}/data/prepared", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/data/tok"]
+        return [
+            *p,
+            *("--data", f"{d}/data/prepared", "--tokenizer", f"{d}/models/tokenizer"),
+            *("--blocks", f"{d}/data/b", "--out", f"{d}/data/tok"),
+        ]
     if stage == "pretrain":
         return [
             *p,
-            *("--data", f"{d}/data/tok", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/models/pretrained"),
+            *("--data", f"{d}/data/b", "--tokenizer", f"{d}/models/tokenizer", "--out", f"{d}/models/pretrained"),
             *("--scratch", f"{d}/models/scratch"),
             *("--metrics", f"{d}/metrics/pretrain.json", "--plots", f"{d}/plots/pretrain"),
         ]

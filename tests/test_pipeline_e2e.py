@@ -51,6 +51,7 @@ def test_repro_writes_every_output_with_finite_metrics(repo: tuple[Path, dict]) 
     root, _ = repo
     for out in (
         "data/prepared",
+        "data/blocks",
         "data/tokenized",
         "models/tokenizer",
         "models/pretrained",

@@ -42,13 +42,13 @@ def dvc_commands() -> list[tuple[str, list[str]]]:
 
 
 def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
-    """The stages up to `through` on params, writing to short paths under d (p, tok, t, m, s, f); returns the
+    """The stages up to `through` on params, writing to short paths under d (p, tok, b, t, m, s, f); returns the
     last stage's metrics (finetune: of the pretrained variant)."""
     order = ["prepare", "tokenize", "pretrain", "finetune"]
     argv = {
         "prepare": ["--out", f"{d}/p", "--stats", f"{d}/s.json"],
-        "tokenize": ["--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--out", f"{d}/t"],
-        "pretrain": ["--data", f"{d}/t", "--tokenizer", f"{d}/tok", "--out", f"{d}/m", "--scratch", f"{d}/s",
+        "tokenize": ["--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--blocks", f"{d}/b", "--out", f"{d}/t"],
+        "pretrain": ["--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/m", "--scratch", f"{d}/s",
                      "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"],
         "finetune": ["--data", f"{d}/t", "--encoder", f"{d}/m", "--out", f"{d}/f",
                      "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"],
@@ -82,15 +82,12 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         "labels.json",
     }
     assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(LABELS)
+    blocks = files_in(d / "data/blocks")
+    assert "dataset_dict.json" in blocks
+    assert {p.split("/")[0] for p in blocks if "/" in p} == {"mlm_train", "mlm_validation"}
     tokenized = files_in(d / "data/tokenized")
     assert {"dataset_dict.json", "labels.json"} <= tokenized
-    assert {p.split("/")[0] for p in tokenized if "/" in p} == {
-        "mlm_train",
-        "mlm_validation",
-        "train",
-        "validation",
-        "test",
-    }
+    assert {p.split("/")[0] for p in tokenized if "/" in p} == {"train", "validation", "test"}
     assert files_in(d / "models/tokenizer") == {"tokenizer.json", "tokenizer_config.json"}
     model_files = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training_run.json"}
     for model in ("pretrained", "scratch", "finetuned/pretrained", "finetuned/scratch"):
@@ -128,7 +125,7 @@ def test_scratch_is_the_pretrained_encoders_own_starting_point(tmp_path: Path, p
     (tmp_path / "again").mkdir()
     params = str(tiny_params(tmp_path / "again", prepare={"source": "unused"}, pretrain={"enabled": False}))
     pretrain.main(
-        ["--params", params, "--data", f"{d}/data/tokenized", "--tokenizer", f"{d}/models/tokenizer",
+        ["--params", params, "--data", f"{d}/data/blocks", "--tokenizer", f"{d}/models/tokenizer",
          "--out", f"{d}/again/m", "--scratch", f"{d}/again/s", "--metrics", f"{d}/again/m.json",
          "--plots", f"{d}/again/pl"]
     )  # fmt: skip

@@ -232,16 +232,21 @@ def test_tokenize_stage_with_unlabeled_text_and_num_proc(tmp_path: Path, tiny_cs
     params = tiny_params(tmp_path, prepare={"source": str(tiny_csv), "unlabeled_source": str(extra)})
     prepare.main(["--params", str(params), "--out", f"{tmp_path}/p", "--stats", f"{tmp_path}/s.json"])
     first = tokenize.main(["--params", str(params), "--data", f"{tmp_path}/p", "--tokenizer", f"{tmp_path}/tok",
-                           "--out", f"{tmp_path}/t"])  # fmt: skip
+                           "--blocks", f"{tmp_path}/b", "--out", f"{tmp_path}/t"])  # fmt: skip
     outputs = {}
-    for num_proc in (None, 2):  # the trained tokenizer's ids are not bitwise reproducible run to run: reuse it
+    for num_proc in (None, 2):  # the tiny corpus's ties change which tokens the trainer learns: reuse its tokenizer
         p = tiny_params(tmp_path, prepare={"source": str(tiny_csv), "unlabeled_source": str(extra)},
                         tokenize={"num_proc": num_proc}, model={"checkpoint": f"{tmp_path}/tok"})  # fmt: skip
         summary = tokenize.main(["--params", str(p), "--data", f"{tmp_path}/p", "--tokenizer", f"{tmp_path}/tok2",
+                                 "--blocks", f"{tmp_path}/b{num_proc}",
                                  "--out", f"{tmp_path}/t{num_proc}"])  # fmt: skip
         assert summary == first
-        outputs[num_proc] = datasets.load_from_disk(f"{tmp_path}/t{num_proc}")
-    reference = datasets.load_from_disk(f"{tmp_path}/t")
+        outputs[num_proc] = {
+            **datasets.load_from_disk(f"{tmp_path}/b{num_proc}"),
+            **datasets.load_from_disk(f"{tmp_path}/t{num_proc}"),
+        }
+    reference = {**datasets.load_from_disk(f"{tmp_path}/b"), **datasets.load_from_disk(f"{tmp_path}/t")}
+    assert set(reference) == {"mlm_train", "mlm_validation", "train", "validation", "test"}
     for split in reference:
         assert outputs[2][split].to_dict() == outputs[None][split].to_dict() == reference[split].to_dict()
     # The unlabeled documents (about 240 of 20 tokens each) are in the packed pretraining text.
