@@ -33,6 +33,7 @@ from transferpipe.params import ModelParams, TokenizeParams, load_section
 from transferpipe.tokenization import (
     load_tokenizer,
     pack_tokenized,
+    save_datasets,
     text_batches,
     tokenize_documents,
     train_wordpiece,
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         with atomic_dir(args.tokenizer) as tmp:
             tokenizer.save_pretrained(tmp)
         with atomic_dir(args.blocks) as tmp:
-            blocks.save_to_disk(tmp)
+            save_datasets(blocks, tmp)
         with atomic_dir(args.out) as tmp:
-            tokenized.save_to_disk(tmp)
+            save_datasets(tokenized, tmp)
             (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
         summary = {
             "vocab_size": len(tokenizer),
