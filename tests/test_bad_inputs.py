@@ -122,6 +122,20 @@ def test_prepare_mistake(tmp_path: Path, mistake: str) -> None:
     assert_nothing_written(work)
 
 
+def test_tokenize_with_blocks_and_out_the_same_folder(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    result = run_stage(
+        "tokenize",
+        params=tiny_params(tmp_path),
+        data=tmp_path / "prepared",
+        tokenizer=work / "tokenizer",
+        blocks=work / "tokenized",
+        out=work / "tokenized",
+    )
+    assert_user_error(result, "--blocks and --out")
+    assert_nothing_written(work)
+
+
 def test_tokenize_without_prepared_data_says_run_prepare(tmp_path: Path) -> None:
     empty = tmp_path / "prepared"
     empty.mkdir()
