@@ -42,6 +42,7 @@ GPU_SCALE = {
     "pretrain.batch_size": 64,
     "pretrain.learning_rate": 5.0e-4,
     "pretrain.eval_every": 250,
+    "pretrain.checkpoint_every": 500,  # about 50 s of H200 work; a checkpoint of this size takes a few seconds
     "pretrain.num_workers": 4,
     "finetune.epochs": 10,
     "finetune.batch_size": 16,

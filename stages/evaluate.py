@@ -2,18 +2,20 @@
 
 The fine-tuned models (pretrained, and trained from scratch) and the baseline learn from the same training
 labels and are scored with scikit-learn on the same test documents: a fine-tuned model's prediction for a
-document is the mean of its logits over the document's windows (tokenize.max_windows), the baseline reads
-the whole text. Each fine-tuned model's test metrics are also added to its finetune MLflow run, and the
-registered model's alias `champion` moves to a registered version when its test macro-F1 beats the current
-champion's.
+document is the mean of its logits over the document's windows (tokenize.max_length tokens each, at most
+tokenize.max_windows), computed from the raw text by serving.predict_texts, the very function the registered
+MLflow model's predict calls; the baseline reads the whole text. Each fine-tuned model's test metrics are
+also added to its finetune MLflow run, and the registered model's alias `champion` moves to a registered
+version when its test macro-F1 beats the current champion's.
 
-Inputs:  --data prepared splits (raw text, for the baseline), --tokenized test split, --models folders
-         (each named after its variant: models/finetuned/pretrained ...)
+Inputs:  --data prepared splits (raw text), --models folders (each named after its variant:
+         models/finetuned/pretrained ...)
 Outputs: --metrics JSON (DVC metrics: accuracy and macro-F1 per model), --plots folder (DVC plots:
          models.json, one row per model; per model confusion_<model>.json {actual, predicted} rows and
          per_class_<model>.json precision / recall / F1)
-Params:  evaluate, tracking, finetune.labels_per_class and finetune.seed (the baseline's training labels)
-Run:     python -m stages.evaluate --params params.yaml --data data/prepared --tokenized data/tokenized \
+Params:  evaluate, tracking, finetune.labels_per_class and finetune.seed (the baseline's training labels),
+         tokenize.max_length and tokenize.max_windows (the windows a document is scored on)
+Run:     python -m stages.evaluate --params params.yaml --data data/prepared \
              --models models/finetuned/pretrained models/finetuned/scratch --metrics metrics/evaluate.json \
              --plots plots/evaluate
 """
@@ -23,18 +25,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import datasets
 from transformers import AutoModelForSequenceClassification
 
 from transferpipe.data import read_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
-from transferpipe.finetuning import collator_for, document_logits, per_class_indices, predict_logits
+from transferpipe.finetuning import per_class_indices
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import pick_device
-from transferpipe.params import EvaluateParams, FinetuneParams, TrackingParams, load_section
+from transferpipe.params import EvaluateParams, FinetuneParams, TokenizeParams, TrackingParams, load_section
+from transferpipe.serving import predict_texts
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion
+from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion, split_sha256
 
 BASELINE = "tfidf_logreg"
 
@@ -43,7 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--tokenized", type=Path, required=True)
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
@@ -55,25 +56,31 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_section(args.params, "evaluate", EvaluateParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
     selection = load_section(args.params, "finetune", FinetuneParams)  # only labels_per_class and seed
+    windowing = load_section(args.params, "tokenize", TokenizeParams)  # only max_length and max_windows
     check_tracking(tracking)
     splits, label_names, _ = read_prepared(args.data)
-    test = datasets.load_from_disk(str(args.tokenized))["test"]
+    test_texts, y_true = splits["test"]["text"].tolist(), splits["test"]["label"].tolist()
 
     device = pick_device()
     predictions = {}
     for folder in args.models:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
-        windows = predict_logits(model, test, collator_for(load_tokenizer(folder), device), params.batch_size, device)
-        logits, y_true = document_logits(windows, test)  # a document: the mean logits of its windows
-        predictions[folder.name] = logits.argmax(-1).tolist()
-    y_true = y_true.tolist()
+        # A document: the mean logits of its windows, exactly as the registered model's predict scores it.
+        predicted = predict_texts(
+            model,
+            load_tokenizer(folder),
+            test_texts,
+            windowing.max_length,
+            windowing.max_windows,
+            params.batch_size,
+            device,
+        )
+        predictions[folder.name] = predicted.label_ids.tolist()
     # The baseline learns from the same training labels as the fine-tuned models (finetune.labels_per_class).
     train = splits["train"].iloc[
         per_class_indices(splits["train"]["label"].tolist(), selection.labels_per_class, selection.seed)
     ]
-    predictions[BASELINE] = tfidf_logreg(
-        train["text"].tolist(), train["label"].tolist(), splits["test"]["text"].tolist(), params
-    ).tolist()
+    predictions[BASELINE] = tfidf_logreg(train["text"].tolist(), train["label"].tolist(), test_texts, params).tolist()
     scores = {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}
     metrics = {"test": {name: {k: s[k] for k in ("accuracy", "macro_f1")} for name, s in scores.items()}}
 
@@ -87,11 +94,22 @@ def main(argv: list[str] | None = None) -> dict:
     # In MLflow each fine-tuned model's run gets its scores as test/<metric> and the baseline's as
     # test/tfidf_logreg_<metric>, so runs compare on the same keys.
     baseline = {f"test/{BASELINE}_{key}": value for key, value in metrics["test"][BASELINE].items()}
+    # The champion is chosen only among versions scored on this very test set with these label names.
+    test_sha256 = split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
     for folder in args.models:
         training_run = read_json(folder / "training_run.json")
+        run_id = training_run.get("mlflow_run_id")
         mirrored = {f"test/{key}": value for key, value in metrics["test"][folder.name].items()} | baseline
-        log_to_existing_run(training_run.get("mlflow_run_id"), mirrored, tracking)
-        verdict = promote_champion(training_run.get("model_version"), mirrored["test/macro_f1"], tracking)
+        if not log_to_existing_run(run_id, mirrored, tracking):
+            continue  # tracking off, or a store without the training run (it said so): no registry to update
+        verdict = promote_champion(
+            training_run.get("model_version"),
+            mirrored["test/macro_f1"],
+            tracking,
+            test_sha256=test_sha256,
+            labels=label_names,
+            run_id=run_id,
+        )
         if verdict:
             print(verdict)
     print("evaluate: " + "; ".join(f"{name} test macro-F1 {s['macro_f1']:.4f}" for name, s in metrics["test"].items()))

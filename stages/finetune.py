@@ -18,6 +18,8 @@ Params:  finetune, tracking, tokenize.max_length (the logged MLflow model trunca
 Run:     python -m stages.finetune --params params.yaml --data data/tokenized --encoder models/pretrained \
              --variant pretrained --out models/finetuned/pretrained --metrics metrics/finetune/pretrained.json \
              --plots plots/finetune/pretrained
+Resume:  every finetune.checkpoint_every steps a checkpoint goes to .scratch/checkpoints/ (untracked); a rerun
+         after a kill continues from it, in the same MLflow run (transferpipe.checkpoint)
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
          writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import datasets
 
+from transferpipe.checkpoint import Checkpoints
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
 from transferpipe.finetuning import finetune, first_windows
@@ -36,7 +39,7 @@ from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import FinetuneParams, TokenizeParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, start_run
+from transferpipe.tracking import check_tracking, recording, start_run
 from transferpipe.training import seed_everything
 
 VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     params = load_section(args.params, "finetune", FinetuneParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
-    max_length = load_section(args.params, "tokenize", TokenizeParams).max_length  # the MLflow model's truncation
+    windows = load_section(args.params, "tokenize", TokenizeParams)  # how the MLflow model cuts long texts
     check_tracking(tracking)
     seed_everything(params.seed)
     splits = datasets.load_from_disk(str(args.data))
@@ -67,9 +70,17 @@ def main(argv: list[str] | None = None) -> dict:
     tags = {"transferpipe.variant": args.variant}
     if pretrain_run:
         tags["transferpipe.pretrain_run_id"] = pretrain_run
+    # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
+    checkpoints = Checkpoints.for_stage(
+        f"finetune-{args.variant}", "finetune", {"finetune": params}, [args.data, args.encoder], params.checkpoint_every
+    )
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
-    run_name = f"finetune-{args.variant}"
-    with process_group() as device, start_run("finetune", tracking, tags, name=run_name, primary=is_main()) as run:
+    with (
+        process_group() as device,
+        start_run(
+            "finetune", tracking, tags, name=f"finetune-{args.variant}", primary=is_main(), resume=checkpoints.run_id
+        ) as run,
+    ):
         run.log_params(
             {
                 **to_flat_dict(params, "finetune"),
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "device": device.type,
             }
         )
-        result = finetune(model, tokenizer, splits, label_names, params, run, device)
+        result = finetune(model, tokenizer, splits, label_names, params, run, device, checkpoints)
         best = result.best
         metrics = {
             "validation": {"macro_f1": best["macro_f1"], "accuracy": best["accuracy"], "loss": best["loss"]},
@@ -87,23 +98,30 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps": result.steps,
                 "examples_per_second": round(result.examples_per_second, 1),
                 "skipped_steps": result.skipped_steps,
+                "checkpoint_seconds": round(result.checkpoint_seconds, 2),
             },
         }
         if not is_main():
             return metrics  # rank 0 writes the outputs
-        run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
-        examples = tokenizer.batch_decode(
-            first_windows(splits["validation"])[:2]["input_ids"], skip_special_tokens=True
-        )
+        # Outputs first, complete on disk; then MLflow, whose failure must not cost the trained model.
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            # Logged and registered before the folder is in place: its training_run.json names the version.
-            registry_name = tracking.registered_model_name if args.variant == "pretrained" else None
-            version = run.log_text_classifier(tmp, examples, registry_name, max_length)
-            write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})
+            write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": None})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
+        with recording("finetune", args.out):
+            run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
+            examples = tokenizer.batch_decode(
+                first_windows(splits["validation"])[:2]["input_ids"], skip_special_tokens=True
+            )
+            registry_name = tracking.registered_model_name if args.variant == "pretrained" else None
+            version = run.log_text_classifier(
+                args.out, examples, registry_name, windows.max_length, max_windows=windows.max_windows
+            )
+            # The folder names the registered version it became (evaluate reads it to move `champion`).
+            write_json(args.out / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})
+    checkpoints.clear()  # everything is recorded: nothing left to resume
     print(f"finetune: {metrics}")
     return metrics
 

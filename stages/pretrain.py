@@ -12,6 +12,8 @@ Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.js
 Params:  model, pretrain, tracking
 Run:     python -m stages.pretrain --params params.yaml --data data/blocks --tokenizer models/tokenizer \
              --out models/pretrained --scratch models/scratch --metrics metrics/pretrain.json --plots plots/pretrain
+Resume:  every pretrain.checkpoint_every steps a checkpoint goes to .scratch/checkpoints/ (untracked); a rerun
+         after a kill continues from it, in the same MLflow run (transferpipe.checkpoint)
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
          writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import datasets
 
+from transferpipe.checkpoint import Checkpoints
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
@@ -30,7 +33,7 @@ from transferpipe.modeling import count_parameters, pretraining_model, untrained
 from transferpipe.params import ModelParams, PretrainParams, TrackingParams, load_section, to_flat_dict
 from transferpipe.pretraining import evaluate_untrained, pretrain
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, start_run
+from transferpipe.tracking import check_tracking, recording, start_run
 from transferpipe.training import seed_everything
 
 
@@ -55,8 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
     model = pretraining_model(model_params, tokenizer)
     scratch = untrained_copy(model, params.seed)  # the no-pretraining baseline
 
+    # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
+    checkpoints = Checkpoints.for_stage(
+        "pretrain", "pretrain", {"model": model_params, "pretrain": params}, [args.data, args.tokenizer],
+        params.checkpoint_every,
+    )  # fmt: skip
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
-    with process_group() as device, start_run("pretrain", tracking, primary=is_main()) as run:
+    with (
+        process_group() as device,
+        start_run("pretrain", tracking, primary=is_main(), resume=checkpoints.run_id) as run,
+    ):
         run.log_params(
             {
                 **to_flat_dict(model_params, "model"),
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
         if params.enabled:
-            result = pretrain(model, tokenizer, blocks, params, run, device)
+            result = pretrain(model, tokenizer, blocks, params, run, device, checkpoints)
         else:
             result = evaluate_untrained(model, tokenizer, blocks, params, device)
         metrics = {
@@ -76,10 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens_per_second": round(result.tokens_per_second, 1),
                 "skipped_steps": result.skipped_steps,
                 "parameters": count_parameters(model),
+                "checkpoint_seconds": round(result.checkpoint_seconds, 2),
             },
         }
         if not is_main():
             return metrics  # rank 0 writes the outputs
+        # Outputs first, complete on disk; then MLflow, whose failure must not cost the trained model.
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -90,8 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(tmp / "training_run.json", {"mlflow_run_id": None})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
-        run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
-        run.log_artifacts(args.out, "model")
+        with recording("pretrain", args.out):
+            run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
+            run.log_artifacts(args.out, "model")
+    checkpoints.clear()  # everything is recorded: nothing left to resume
     print(f"pretrain: {metrics}")
     return metrics
 

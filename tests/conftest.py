@@ -64,13 +64,15 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Tests never reach the hub: a missing local file must fail fast, not retry over the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    # A test's checkpoints stay its own, never in the repository where another test could resume them.
+    monkeypatch.setenv("TRANSFERPIPE_CHECKPOINT_DIR", str(tmp_path / ".scratch" / "checkpoints"))
 
 
 def copy_repo(dest: Path) -> Path:
@@ -90,7 +92,11 @@ def clean_env(root: Path) -> dict[str, str]:
     import os
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != "TRANSFERPIPE_CHECKPOINT_DIR"
+    }
     env |= {"PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env

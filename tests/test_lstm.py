@@ -235,7 +235,8 @@ def test_pipeline_with_lstm_and_a_logged_model_that_loads_in_a_fresh_process(
     tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every dvc.yaml command with model.architecture lstm; then MLflow's copy of the fine-tuned model, loaded
-    by a process that never imports transferpipe, predicts label names."""
+    by a fresh process, predicts label names with the transferpipe package shipped inside the model (its
+    code_paths), the LSTM being that package's class: no trust_remote_code, no copy of lstm.py executed."""
     tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, model={"architecture": "lstm"})
     monkeypatch.chdir(tmp_path)
     for module, argv in dvc_commands():
@@ -268,7 +269,11 @@ def test_pipeline_with_lstm_and_a_logged_model_that_loads_in_a_fresh_process(
         "import json, sys, mlflow\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
         "pred = model.predict(['bank shares market profit economy', 'film music star award'])\n"
-        "print(json.dumps({'labels': list(pred['label']), 'transferpipe': 'transferpipe' in sys.modules}))\n"
+        "import transferpipe\n"
+        "out = {'labels': list(pred['label']), 'package': transferpipe.__file__,\n"
+        "       'class': type(model.unwrap_python_model().model).__module__,\n"
+        "       'remote_code': any(m.startswith('transformers_modules') for m in sys.modules)}\n"
+        "print(json.dumps(out))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, f"runs:/{run_id}/model"],
@@ -281,4 +286,5 @@ def test_pipeline_with_lstm_and_a_logged_model_that_loads_in_a_fresh_process(
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["labels"]) == 2 and set(result["labels"]) <= set(LABELS)
-    assert result["transferpipe"] is False  # the model's own copy of lstm.py did the work
+    assert result["class"] == "transferpipe.lstm" and result["remote_code"] is False
+    assert Path(result["package"]).parent.parent.name == "code"  # MLflow's copy of the package, not src/

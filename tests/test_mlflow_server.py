@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,10 +18,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import evaluate, finetune, prepare, pretrain, tokenize
 from tests.conftest import REPO, make_corpus, tiny_params
+from transferpipe import tracking
+from transferpipe.data import read_prepared
+from transferpipe.params import TrackingParams
 
 MODEL = "transferpipe-test-classifier"
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
@@ -108,7 +114,7 @@ def stage_args(d: Path, params: Path, stage: str, tag: str = "") -> list[str]:
         ]
     return [
         *p,
-        *("--data", f"{d}/data/prepared", "--tokenized", f"{d}/data/tok", "--models", f"{d}/models/ft{tag}"),
+        *("--data", f"{d}/data/prepared", "--models", f"{d}/models/ft{tag}"),
         *("--metrics", f"{d}/metrics/evaluate{tag}.json", "--plots", f"{d}/plots/evaluate{tag}"),
     ]
 
@@ -188,21 +194,45 @@ def test_champion_moves_only_to_a_better_candidate(
     assert client.get_model_version_by_alias(MODEL, "candidate").version == "2"
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
+    # evaluate tagged version 1 with the test set it scored it on, and its score there.
+    splits, labels, _ = read_prepared(d / "data/prepared")
+    test_sha256 = tracking.split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
+    tags = client.get_model_version(MODEL, "1").tags
+    assert tags[tracking.TEST_SHA256_TAG] == test_sha256 and json.loads(tags[tracking.LABELS_TAG]) == labels
+    evaluated = json.loads((d / "metrics/evaluate.json").read_text())["test"]["ft"]["macro_f1"]
+    assert float(tags[tracking.SCORE_TAG]) == evaluated
+
     # Whatever version 2 scores, a champion at an impossible macro-F1 of 2.0 beats it.
-    champion_run = client.get_model_version(MODEL, "1").run_id
-    client.log_metric(champion_run, "test/macro_f1", 2.0)
+    client.set_model_version_tag(MODEL, "1", tracking.SCORE_TAG, "2.0")
     capsys.readouterr()
     evaluate.main(stage_args(d, params, "evaluate", tag="2"))
     assert "champion stays version 1" in capsys.readouterr().out
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
     # And a champion below any possible score loses to it.
-    client.log_metric(champion_run, "test/macro_f1", -1.0, step=1)
+    client.set_model_version_tag(MODEL, "1", tracking.SCORE_TAG, "-1.0")
     evaluate.main(stage_args(d, params, "evaluate", tag="2"))
     assert "champion is now version 2" in capsys.readouterr().out
     assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
     run2 = client.get_run(client.get_model_version(MODEL, "2").run_id)
     assert run2.info.status == "FINISHED" and "test/macro_f1" in run2.data.metrics
+
+    # A test set changed on purpose starts another competition: version 1 scored on it is not compared with
+    # champion 2, scored on the old one, and the alias stays.
+    changed = d / "data/prepared-changed"
+    shutil.copytree(d / "data/prepared", changed)
+    test = pd.read_parquet(changed / "test.parquet")
+    test.loc[test.index[0], "text"] += " market"
+    test.to_parquet(changed / "test.parquet")
+    args = stage_args(d, params, "evaluate")
+    args[args.index("--data") + 1] = str(changed)
+    evaluate.main(args)
+    out = capsys.readouterr().out
+    assert f"{MODEL} champion stays version 2: it was scored on another test set" in out
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+    new_sha256 = tracking.split_sha256(test["text"].tolist(), test["label"].tolist())
+    assert new_sha256 != test_sha256
+    assert client.get_model_version(MODEL, "1").tags[tracking.TEST_SHA256_TAG] == new_sha256
 
 
 def test_unreachable_server_stops_a_stage_in_seconds_with_one_line(
@@ -231,3 +261,107 @@ def test_unreachable_server_stops_a_stage_in_seconds_with_one_line(
     assert elapsed < 20, elapsed
     assert not (tmp_path / "models/pretrained").exists() and not (tmp_path / "metrics/pretrain.json").exists()
     assert not (tmp_path / "plots/pretrain").exists()
+
+
+def test_evaluate_against_a_store_without_the_training_run_warns_and_skips_it(
+    pipeline: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh clone after `dvc pull`, say, whose MLFLOW_TRACKING_URI names a store that never saw training."""
+    d, params = pipeline
+    fresh = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh)
+    args = stage_args(d, params, "evaluate")
+    args[args.index("--metrics") + 1] = str(tmp_path / "evaluate.json")
+    args[args.index("--plots") + 1] = str(tmp_path / "plots")
+    capsys.readouterr()
+    metrics = evaluate.main(args)
+    out, err = capsys.readouterr()
+    run_id = json.loads((d / "models/ft/training_run.json").read_text())["mlflow_run_id"]
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert run_id in warning and fresh in warning
+    assert "champion" not in out and "test macro-F1" in out
+    assert json.loads((tmp_path / "evaluate.json").read_text()) == metrics  # the record DVC reads is complete
+    store = MlflowClient(fresh)
+    assert store.search_registered_models() == []
+    with pytest.raises(MlflowException, match="not found"):
+        store.get_run(run_id)
+
+
+# One evaluate's registry update in a process of its own: it reads a job per line (after saying it is ready),
+# runs it and answers with the verdict line, so the test releases both processes' jobs at the same moment.
+RACER = """
+import json, sys
+import mlflow.tracking  # imported before "ready", so that both racers start their jobs together
+from transferpipe.params import TrackingParams
+from transferpipe.tracking import promote_champion
+print("ready", flush=True)
+for line in iter(sys.stdin.readline, ""):
+    job = json.loads(line)
+    params = TrackingParams(True, "transferpipe-test", job.pop("name"))
+    print(json.dumps(promote_champion(job.pop("version"), job.pop("score"), params, **job)), flush=True)
+"""
+
+
+def test_two_evaluates_at_once_leave_champion_on_the_better_version(
+    server: tuple[str, Path], client: MlflowClient
+) -> None:
+    uri, _ = server
+    labels = sorted(LABELS)
+    sha = tracking.split_sha256(["bank shares", "film music"], [0, 1])
+    experiment_id = client.create_experiment("race")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        for _ in range(2)
+    ]
+    # A racer that hangs (a server that stops answering) fails the test instead of blocking the suite.
+    watchdog = threading.Timer(300, lambda: [racer.kill() for racer in racers])
+    watchdog.start()
+    try:
+        assert [racer.stdout.readline().strip() for racer in racers] == ["ready", "ready"]
+        for round_ in range(8):
+            name = f"race-{round_}"
+            client.create_registered_model(name)
+            jobs = []
+            for _ in range(3):
+                run_id = client.create_run(experiment_id).info.run_id
+                version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id).version
+                jobs.append({"name": name, "version": str(version), "run_id": run_id})
+            earlier, *pair = jobs
+            if round_ % 4 < 2:  # half the rounds start from a champion that both racers beat, half from none
+                for key, value in ((tracking.TEST_SHA256_TAG, sha), (tracking.LABELS_TAG, json.dumps(labels))):
+                    client.set_model_version_tag(name, earlier["version"], key, value)
+                client.set_model_version_tag(name, earlier["version"], tracking.SCORE_TAG, "0.1")
+                client.set_registered_model_alias(name, "champion", earlier["version"])
+            # The better version goes to either racer in turn.
+            scores = (0.9, 0.5) if round_ % 2 else (0.5, 0.9)
+            for racer, job, score in zip(racers, pair, scores, strict=True):
+                racer.stdin.write(json.dumps({**job, "score": score, "test_sha256": sha, "labels": labels}) + "\n")
+            for racer in racers:
+                racer.stdin.flush()
+            verdicts = [json.loads(racer.stdout.readline()) for racer in racers]
+            better = pair[scores.index(0.9)]["version"]
+            assert client.get_model_version_by_alias(name, "champion").version == better, (round_, verdicts)
+            assert all(verdict.startswith(f"evaluate: {name} ") for verdict in verdicts), verdicts
+    finally:
+        watchdog.cancel()
+        for racer in racers:
+            racer.stdin.close()
+            racer.wait(timeout=60)
+    assert [racer.returncode for racer in racers] == [0, 0]
+
+
+def test_a_uri_with_credentials_works_and_prints_no_password(
+    server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    uri, _ = server
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("http://", "http://bob:hunter2@"))
+    with tracking.start_run("pretrain", TrackingParams(True, "credentials")) as run:
+        run.log_metrics({"train/loss": 1.0}, step=1)
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
+    out, err = capfd.readouterr()
+    assert "hunter2" not in out + err

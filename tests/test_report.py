@@ -155,6 +155,26 @@ def test_base_run_ids_come_from_the_dvc_cache(repo: tuple[Path, dict[str, str]])
     assert (root / "same_images/confusion_pretrained.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_fresh_clone_without_the_base_outputs_reports_unknown_run_ids(
+    repo: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    root, env = repo
+    # A fresh clone, as on a CI runner: HEAD tracks models/* as directory outputs, but the DVC cache (with
+    # their .dir manifests) stays behind and no remote is configured. dvc.api.read then raised dvc_data's
+    # DataIndexDirError, which escaped as a traceback.
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / ".dvc/cache").exists()
+    for base in ("HEAD", "HEAD~1"):
+        proc = report(clone, env, "--base", base, "--out", f"{base}.md")
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        text = (clone / f"{base}.md").read_text()
+        assert "| pretrain | — | — |" in text  # no base outputs, and none on disk in the clone
+        assert text.count("are not in the DVC cache, so its MLflow run ids are unknown") == 1
+    assert "| `finetune.epochs` | `6` | `3` |" in (clone / "HEAD~1.md").read_text()
+
+
 def test_unknown_base_is_one_line_and_exit_2(repo: tuple[Path, dict[str, str]]) -> None:
     root, env = repo
     proc = report(root, env, "--base", "no-such-branch", "--out", "bad.md")

@@ -216,14 +216,21 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
     pred = model.predict(["bank shares market profit economy", "film music star award"])
     assert set(pred["label"]) <= LABELS
     assert len(pred) == 2
-    # A text far longer than a window is scored on its first tokenize.max_length (16) tokens, as in training.
-    from transformers import pipeline
+    # A text far longer than a window is scored as evaluate scores it: the mean logits of its first
+    # tokenize.max_windows (4) windows of tokenize.max_length (16) tokens, not its first window alone.
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from transferpipe.serving import predict_texts
+    from transferpipe.tokenization import load_tokenizer
 
     long_text = "bank shares market profit economy film music star award " * 20
-    local = pipeline("text-classification", model=str(pipeline_dir / "models/finetuned/pretrained"))
-    first_window = local(long_text, truncation=True, max_length=16)[0]["score"]
-    assert model.predict([long_text])["score"][0] == pytest.approx(first_window, rel=1e-4)
-    assert local(long_text)[0]["score"] != pytest.approx(first_window, rel=1e-4)  # untruncated differs
+    folder = pipeline_dir / "models/finetuned/pretrained"
+    classifier, tokenizer = AutoModelForSequenceClassification.from_pretrained(folder), load_tokenizer(folder)
+    windowed = predict_texts(classifier, tokenizer, [long_text], 16, 4, 8, torch.device("cpu"))
+    assert windowed.windows.tolist() == [4]
+    assert model.predict([long_text])["score"][0] == pytest.approx(windowed.scores[0], rel=1e-4)
+    first_window = pipeline("text-classification", model=str(folder))(long_text, truncation=True, max_length=16)
+    assert windowed.scores[0] != pytest.approx(first_window[0]["score"], rel=1e-4)  # the first window differs
 
 
 def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:

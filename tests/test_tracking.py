@@ -64,15 +64,19 @@ def test_exception_ends_the_run_failed(mlflow_uri: str) -> None:
     assert MlflowClient().get_run(run.run_id).info.status == "FAILED"
 
 
-def test_sigterm_ends_the_run_failed(tmp_path: Path, mlflow_uri: str) -> None:
-    script = """
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ends_the_run_killed_with_one_line(tmp_path: Path, mlflow_uri: str, signum: int) -> None:
+    script = f"""
 import os, signal, time
+from transferpipe.errors import run_cli
 from transferpipe.tracking import start_run
 from transferpipe.params import TrackingParams
-with start_run("pretrain", TrackingParams(True, "unit")) as run:
-    print(run.run_id, flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
+def main(argv):
+    with start_run("pretrain", TrackingParams(True, "unit")) as run:
+        print(run.run_id, flush=True)
+        os.kill(os.getpid(), {int(signum)})
+        time.sleep(30)
+run_cli(main)
 """
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -81,9 +85,42 @@ with start_run("pretrain", TrackingParams(True, "unit")) as run:
         timeout=120,
         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
     )
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signum
+    assert proc.stderr.strip().splitlines() == [
+        f"stopped by {signal.Signals(signum).name}; a rerun resumes from the last checkpoint"
+    ]
     run_id = proc.stdout.strip().splitlines()[-1]
-    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FAILED"
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["transferpipe.host"] == socket.gethostname()
+    assert run.data.tags["transferpipe.pid"].isdigit()
+
+
+def test_runs_left_running_by_a_dead_process_are_ended_killed(tmp_path: Path, mlflow_uri: str) -> None:
+    script = """
+import os, signal
+from transferpipe.tracking import start_run
+from transferpipe.params import TrackingParams
+with start_run("pretrain", TrackingParams(True, "unit")) as run:
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        for _ in range(2)
+    ]
+    assert [proc.returncode for proc in runs] == [-signal.SIGKILL] * 2
+    orphans = [proc.stdout.strip().splitlines()[-1] for proc in runs]
+    client = MlflowClient(mlflow_uri)
+    # The second process, starting, ended the first one's run; its own is left RUNNING.
+    assert [client.get_run(r).info.status for r in orphans] == ["KILLED", "RUNNING"]
+    # A run of a live process (this one) of the same stage is left alone.
+    with tracking.start_run("pretrain", TrackingParams(True, "unit")) as live:
+        assert client.get_run(live.run_id).info.status == "RUNNING"
+        assert [client.get_run(r).info.status for r in orphans] == ["KILLED", "KILLED"]
+        assert tracking.end_orphaned_runs("pretrain", "unit") == []
+        assert client.get_run(live.run_id).info.status == "RUNNING"
 
 
 def test_disabled_tracking_is_a_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,46 +269,27 @@ def test_logged_classifier_is_registered_with_alias_candidate_only_when_named(tm
     assert pred["label"][0] in TOPICS_SET
 
 
-def registered_versions(uri: str, scores: list[float | None], name: str = "unit-model") -> list[str]:
-    """Versions of a registered model, each from a finished run with that test/macro_f1 (None: not logged)."""
-    client = MlflowClient(uri)
-    client.create_registered_model(name)
-    versions = []
-    for score in scores:
-        with tracking.start_run("finetune", PARAMS) as run:
-            if score is not None:
-                run.log_metrics({"test/macro_f1": score})
-        versions.append(client.create_model_version(name, source=f"runs:/{run.run_id}/model", run_id=run.run_id))
-    return [str(v.version) for v in versions]
-
-
-def test_champion_moves_only_when_the_candidate_scores_higher(mlflow_uri: str) -> None:
-    params = TrackingParams(enabled=True, experiment_name="unit", registered_model_name="unit-model")
-    v1, v2, v3, v4 = registered_versions(mlflow_uri, [0.6, 0.5, 0.6, 0.9])
-
-    def champion() -> str:
-        return str(MlflowClient(mlflow_uri).get_model_version_by_alias("unit-model", "champion").version)
-
-    assert "champion is now version 1" in tracking.promote_champion(v1, 0.6, params)  # no champion yet
-    assert champion() == "1"
-    assert "already" in tracking.promote_champion(v1, 0.6, params)
-    assert "champion stays version 1" in tracking.promote_champion(v2, 0.5, params)
-    assert "champion stays version 1" in tracking.promote_champion(v3, 0.6, params)  # a tie does not beat it
-    assert champion() == "1"
-    assert "champion is now version 4" in tracking.promote_champion(v4, 0.9, params)
-    assert champion() == "4"
-
-
-def test_a_champion_never_evaluated_gives_way(mlflow_uri: str) -> None:
-    params = TrackingParams(enabled=True, experiment_name="unit", registered_model_name="unit-model")
-    v1, v2 = registered_versions(mlflow_uri, [None, 0.1])
-    MlflowClient(mlflow_uri).set_registered_model_alias("unit-model", "champion", v1)
-    assert "champion is now version 2" in tracking.promote_champion(v2, 0.1, params)
-
-
+# How evaluate moves alias `champion`: tests/test_champion.py.
 def test_no_registry_without_a_name_or_a_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
-    assert tracking.promote_champion("1", 0.9, TrackingParams(True, "unit", None)) is None
-    assert tracking.promote_champion(None, 0.9, TrackingParams(True, "unit", "m")) is None
-    assert tracking.promote_champion("1", 0.9, TrackingParams(False, "unit", "m")) is None
+    scored_on = {"test_sha256": "0" * 64, "labels": ["a", "b"]}
+    assert tracking.promote_champion("1", 0.9, TrackingParams(True, "unit", None), **scored_on) is None
+    assert tracking.promote_champion(None, 0.9, TrackingParams(True, "unit", "m"), **scored_on) is None
+    assert tracking.promote_champion("1", 0.9, TrackingParams(False, "unit", "m"), **scored_on) is None
     assert not (tmp_path / "never.db").exists()
+
+
+def test_credentials_in_the_uri_never_reach_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cr%40t@127.0.0.1:{port}")
+    with pytest.raises(UserError) as caught:
+        tracking.check_tracking(PARAMS)
+    assert "s3cr" not in str(caught.value) and f"http://127.0.0.1:{port}" in str(caught.value)
+    # MLflow's client sends them as basic auth from these variables instead.
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
+    assert "s3cr" not in os.environ["MLFLOW_TRACKING_URI"]

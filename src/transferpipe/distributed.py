@@ -94,13 +94,26 @@ def local_batch_size(global_batch_size: int, key: str) -> int:
     return global_batch_size // n
 
 
-def sampler(dataset: Dataset, seed: int) -> DistributedSampler:
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start part-way through its epoch's order (a resumed run)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+        self.start = 0  # indices of this rank's share to skip on the next pass only
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter(indices)
+
+
+def sampler(dataset: Dataset, seed: int) -> ResumableSampler:
     """A seeded shuffle of the whole dataset per epoch, of which each rank takes every world_size-th index.
 
     One process uses it too (as rank 0 of 1): consecutive global batches then hold the same examples
     whatever the number of processes. The training loop calls set_epoch before every pass.
     """
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+    return ResumableSampler(dataset, seed)
 
 
 def seed_rank(seed: int) -> None:
@@ -142,6 +155,15 @@ def shard_range(n: int) -> range:
     per, extra = divmod(n, world_size())
     start = rank() * per + min(rank(), extra)
     return range(start, start + per + (rank() < extra))
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    parts: list[object] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def gather_concat(array: np.ndarray) -> np.ndarray:

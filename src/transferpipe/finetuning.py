@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from transferpipe import distributed
+from transferpipe.checkpoint import Checkpoints
 from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
 from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
@@ -106,6 +107,7 @@ def finetune(
     params: FinetuneParams,
     run: Run,
     device: torch.device,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
     """Train on the first window of each document of splits["train"]; every epoch, score macro-F1 on the
     documents of splits["validation"] (the mean logits of each document's windows) and keep the best."""
@@ -164,4 +166,5 @@ def finetune(
         desc="finetune",
         torch_compile=params.torch_compile,
         precision=params.precision,
+        checkpoints=checkpoints,
     )

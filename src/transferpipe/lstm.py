@@ -8,10 +8,11 @@ param_groups and gradual_unfreezing see one block per layer, as they do for tran
 
 Both models are PreTrainedModels registered with the Auto classes (model_type `transferpipe_lstm`), so
 save_pretrained / from_pretrained, AutoModelForSequenceClassification and transformers.pipeline work on them
-once this module is imported. A saved folder also carries a copy of this file and an `auto_map` in its
-config.json (transformers' custom-code convention), so a process that has not imported transferpipe (an
-MLflow pyfunc model served elsewhere) loads it with `trust_remote_code=True`. That is why this file
-imports nothing from transferpipe: it must work on its own.
+once this module is imported. The MLflow model finetune logs (transferpipe.serving.TextClassifier) carries
+this package as its code and imports it before loading the weights, so it needs no `trust_remote_code`.
+A saved folder also carries a copy of this file and an `auto_map` in its config.json (transformers'
+custom-code convention), so plain transformers without transferpipe installed loads it with
+`trust_remote_code=True`. That is why this file imports nothing from transferpipe: it must work on its own.
 """
 
 from __future__ import annotations

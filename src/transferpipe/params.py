@@ -81,6 +81,8 @@ class PretrainParams:
     mlm_probability: float = 0.3
     eval_every: int = 100
     eval_blocks: int = 256  # held-out blocks scored at each evaluation (the first N, fixed masks)
+    # Steps between checkpoints a killed run resumes from (transferpipe.checkpoint); None: none until the end.
+    checkpoint_every: int | None = 100
     seed: int = 42
     torch_compile: bool = False  # torch.compile the model for training (pays a compile at the start)
     num_workers: int = 0  # DataLoader worker processes preparing batches (and MLM masks) per training process
@@ -114,6 +116,7 @@ class FinetuneParams:
     monitor: Literal["macro_f1", "loss"] = "macro_f1"
     early_stopping_patience: int = 3  # epochs without a better validation `monitor`
     max_grad_norm: float = 1.0
+    checkpoint_every: int | None = 50  # steps between checkpoints, as in PretrainParams
     seed: int = 42
     torch_compile: bool = False  # torch.compile the model for training (recompiles for new padded lengths)
     num_workers: int = 0  # DataLoader worker processes per training process

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTrainedTokenizerBase
 
 from transferpipe import distributed
+from transferpipe.checkpoint import Checkpoints
 from transferpipe.errors import UserError
 from transferpipe.modeling import is_causal_lm, param_groups
 from transferpipe.params import PretrainParams
@@ -76,6 +77,7 @@ def pretrain(
     params: PretrainParams,
     run: Run,
     device: torch.device,
+    checkpoints: Checkpoints | None = None,
 ) -> FitResult:
     """MLM on blocks["mlm_train"], scored on blocks["mlm_validation"] every eval_every steps."""
     train, validation = blocks["mlm_train"], held_out(blocks, params)
@@ -111,6 +113,7 @@ def pretrain(
         desc="pretrain",
         torch_compile=params.torch_compile,
         precision=params.precision,
+        checkpoints=checkpoints,
     )
 
 

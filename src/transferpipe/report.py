@@ -4,7 +4,8 @@ It compares what is committed (params.yaml, the DVC metrics files under metrics/
 plots/) at the base revision, read with `git show`, with the same files in the working tree, so it works in
 any clone where the base revision is fetched, with no DVC cache. The MLflow run ids behind the numbers live
 in DVC outputs (models/*/training_run.json): the working tree's are read from disk, the base's through
-`dvc.api.read` when the base's outputs are in the local cache.
+`dvc.api.read`, from the local cache or else the default DVC remote; where neither has them (a fresh clone with
+no remote, as on a CI runner) they are reported as unknown.
 
 Figures are PNGs (matplotlib, Agg) with the base on the left and the working tree on the right, written to an
 images folder next to the report and linked by relative path.
@@ -240,12 +241,15 @@ def _runs_section(root: Path, base_sha: str, new: Side) -> list[str]:
 
 def _base_run_id(root: Path, rev: str, path: str) -> str | None:
     import dvc.api
-    from dvc.exceptions import DvcException
 
     try:
         return _run_id(dvc.api.read(path, repo=str(root), rev=rev))
-    except (DvcException, OSError, ValueError):
-        # Not tracked at that revision, not in the cache, no remote to fetch from: all mean "unknown".
+    except Exception:
+        # Not tracked at that revision, not in the cache, no remote or an unreachable one: all mean "unknown".
+        # The errors have no common base: a file inside a directory output whose .dir manifest is in neither
+        # the cache nor a remote (a fresh clone on a CI runner) raises dvc_data's DataIndexDirError, others
+        # come from dvc, scmrepo or a remote's client library (missing credentials). The run ids only
+        # annotate the report, so none of them may stop it.
         return None
 
 

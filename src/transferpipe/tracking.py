@@ -14,19 +14,22 @@ The model registry: finetune registers its model (alias `candidate`), evaluate m
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transferpipe.errors import UserError
+from transferpipe.errors import Interrupted, UserError
 from transferpipe.params import TrackingParams
 
 STORE_FILE = "mlflow.db"
@@ -49,7 +52,23 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    """MLFLOW_TRACKING_URI, or the SQLite store at the repository root. Credentials written into an http(s)
+    URI (`https://user:password@host`) move to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which
+    MLflow's client sends as basic auth, so the URI this returns (and every message that shows it) has none."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{repo_root() / STORE_FILE}"
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
+    plain = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    os.environ["MLFLOW_TRACKING_URI"] = plain  # what MLflow itself reads holds no password either
+    return plain
 
 
 def git_commit(root: Path) -> str | None:
@@ -80,6 +99,28 @@ class Run:
 
             _retry_locked(lambda: mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step))
 
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """(step, metrics) rows in one store write (log_batch: all of them or none)."""
+        if self.run_id and rows:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()]
+            _retry_locked(lambda: MlflowClient().log_batch(self.run_id, metrics=metrics))
+
+    def log_rows_once(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """log_rows, unless an earlier process already sent these rows: a checkpoint is written before its rows
+        go to MLflow, so a process killed between the two leaves rows that a resumed run must send."""
+        if not self.run_id or not rows:
+            return
+        from mlflow.tracking import MlflowClient
+
+        step, values = rows[0]
+        history = _retry_locked(lambda: MlflowClient().get_metric_history(self.run_id, next(iter(values))))
+        if not any(m.step >= step for m in history):
+            self.log_rows(rows)
+
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.run_id:
             import mlflow
@@ -92,40 +133,56 @@ class Run:
         example_texts: list[str],
         registered_model_name: str | None = None,
         max_length: int | None = None,
+        max_windows: int | None = 1,
     ) -> str | None:
-        """The fine-tuned model as an MLflow transformers model: pyfunc predict(texts) gives label names.
+        """The fine-tuned model as an MLflow pyfunc model (transferpipe.serving.TextClassifier): predict(texts)
+        gives a DataFrame of `label` (label names) and `score`, each text scored as evaluate scores it
+        (serving.predict_texts): the mean logits of its windows of max_length tokens, at most max_windows of them
+        (None: all; max_length None: each text whole, as one window).
 
-        With max_length, pyfunc predict truncates each text to its first max_length tokens (the window the
-        model was trained on) instead of running a long text through positions training never saw.
+        The model carries this package as its code (code_paths), so it loads wherever its pinned requirements
+        are installed, an LSTM included, without trust_remote_code.
 
         With a registered_model_name it becomes a new version of that registered model, with alias
         `candidate` pointing at it; returns the version (a string, as in `models:/<name>/<version>`).
         """
         if not self.run_id:
             return None
+        import importlib
+        import shutil
+        import tempfile
+
+        import datasets
         import mlflow
+        import sklearn
         import tokenizers
         import torch
         import transformers
 
-        # An absolute path is no valid hub repo id, so MLflow's model-card lookup fails at once, offline.
-        local = str(Path(model_dir).resolve())
-        pipe = transformers.pipeline("text-classification", model=local, tokenizer=local)
-        info = _retry_locked(
-            lambda: mlflow.transformers.log_model(
-                transformers_model=pipe,
-                name="model",
-                task="text-classification",
-                input_example=example_texts[:2],
-                model_config={"truncation": True, "max_length": max_length} if max_length else None,
-                # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"transformers=={transformers.__version__}",
-                    f"tokenizers=={tokenizers.__version__}",
-                ],
+        # Imported by name: every training stage imports this module, pretrain included, and only this method
+        # needs serving (and through it finetuning); tests/test_consistency.py reads static imports as deps.
+        serving = importlib.import_module("transferpipe.serving")
+        with tempfile.TemporaryDirectory() as scratch:
+            # The artifact keeps its folder's name: `classifier`, not the atomic write's hidden temporary name.
+            folder = shutil.copytree(model_dir, Path(scratch) / "classifier")
+            info = _retry_locked(
+                lambda: mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=serving.TextClassifier(),
+                    artifacts={"model": str(folder)},
+                    code_paths=[str(Path(serving.__file__).parent)],  # the transferpipe package itself
+                    model_config={"max_length": max_length, "max_windows": max_windows},
+                    input_example=example_texts[:2],
+                    # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"transformers=={transformers.__version__}",
+                        f"tokenizers=={tokenizers.__version__}",
+                        f"datasets=={datasets.__version__}",
+                        f"scikit-learn=={sklearn.__version__}",
+                    ],
+                )
             )
-        )
         if not registered_model_name:
             return None
         from mlflow.tracking import MlflowClient
@@ -148,8 +205,13 @@ def _check_reachable(uri: str) -> None:
     # MLflow's own client retries a dead server with backoff for minutes; its /health answers at once.
     if not uri.startswith(("http://", "https://")):
         return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
             response.read()
     except urllib.error.HTTPError:
         return  # something answered (perhaps a proxy asking for credentials): MLflow's client takes it from here
@@ -258,17 +320,20 @@ def start_run(
     tags: dict[str, str] | None = None,
     name: str | None = None,
     primary: bool = True,
+    resume: str | None = None,
 ) -> Iterator[Run]:
-    """An MLflow run for one stage: FINISHED on success, FAILED on any exception (never left RUNNING).
+    """An MLflow run for one stage: FINISHED on success, KILLED when a signal (SIGTERM, SIGHUP, Ctrl-C) stops
+    the stage, FAILED on any other exception; never left RUNNING by a process that could still write.
 
-    Named `name` (default: the stage), suffixed with the DVC experiment's name inside `dvc exp run`.
-    primary=False (the ranks above 0 of a torchrun job) gives a disabled Run: one run per stage, not per process.
+    `resume` continues that run (a stage resumed from a checkpoint) instead of starting one. Runs record the
+    host and process that write them; runs of this stage left RUNNING by a process that no longer exists
+    (`kill -9`, the OOM killer, a lost machine) are ended KILLED here. Named `name` (default: the stage),
+    suffixed with the DVC experiment's name inside `dvc exp run`. primary=False (the ranks above 0 of a
+    torchrun job) gives a disabled Run: one run per stage, not per process.
     """
     if not params.enabled or not primary:
         yield Run(None)
         return
-    import mlflow
-
     uri = tracking_uri()
     _check_reachable(uri)
     try:
@@ -277,12 +342,12 @@ def start_run(
         raise
     except Exception as exc:  # noqa: BLE001 - any store failure is reported the same way
         raise UserError(
-            f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"MLflow tracking store {uri} is not usable ({type(exc).__name__}: {_first_line(exc)}); "
             "fix MLFLOW_TRACKING_URI or set tracking.enabled: false"
         ) from None
     root = repo_root()
     exp_name = os.environ.get("DVC_EXP_NAME")
-    all_tags = {"transferpipe.stage": stage, **(tags or {})}
+    all_tags = {"transferpipe.stage": stage, **(tags or {}), **_process_tags()}
     commit = git_commit(root)
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
@@ -290,19 +355,118 @@ def start_run(
         all_tags["dvc.exp_name"] = exp_name
     name = name or stage
     run_name = f"{name}-{exp_name}" if exp_name else name
-    # SIGTERM (a killed `dvc repro` or queue worker) would end the process without unwinding; raise
-    # instead, so the run below is closed as FAILED rather than left RUNNING.
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    end_orphaned_runs(stage, params.experiment_name, keep=resume)
+    # SIGTERM (a killed `dvc repro` or queue worker) and SIGHUP (a lost terminal) would end the process without
+    # unwinding; raise instead, so the run below is closed as KILLED rather than left RUNNING.
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        run_id = _retry_locked(lambda: mlflow.start_run(run_name=run_name, tags=all_tags)).info.run_id
+        run_id = _start_or_resume(run_name, all_tags, resume)
         status = "FAILED"
         try:
             yield Run(run_id)
             status = "FINISHED"
+        except (Interrupted, KeyboardInterrupt):
+            status = "KILLED"
+            raise
         finally:
             _end_run(run_id, status)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def recording(stage: str, outputs: Path) -> Iterator[None]:
+    """Around what a stage sends to MLflow after its outputs are complete on disk: a failure there is one line
+    that says the outputs are kept, and a rerun records them without training again (the stage's finished
+    checkpoint, transferpipe.checkpoint, holds the result until then)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise UserError(
+            f"{stage}: {outputs} is complete, but MLflow could not record it ({reason}); fix the store and rerun "
+            "the stage (dvc repro), which records it without training again"
+        ) from None
+
+
+def _start_or_resume(run_name: str, tags: dict[str, str], resume: str | None) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if resume:
+        try:
+            run = _retry_locked(lambda: mlflow.start_run(run_id=resume))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            print(f"{run_name}: MLflow run {resume} of the checkpoint is not in this store; starting a new run")
+        else:
+            _retry_locked(lambda: mlflow.set_tags(tags))  # this process writes it now
+            return run.info.run_id
+    return _retry_locked(lambda: mlflow.start_run(run_name=run_name, tags=tags)).info.run_id
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), so a reused pid is not taken for the
+    process that wrote a run; None where there is no /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before it may hold spaces
+
+
+def _process_tags() -> dict[str, str]:
+    tags = {"transferpipe.host": socket.gethostname(), "transferpipe.pid": str(os.getpid())}
+    started = _process_start(os.getpid())
+    if started:
+        tags["transferpipe.pid_start"] = started
+    return tags
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process of that pid is alive
+    return started is None or _process_start(pid) in (started, None)
+
+
+def end_orphaned_runs(stage: str, experiment_name: str, keep: str | None = None) -> list[str]:
+    """End KILLED every RUNNING run of `stage` in the experiment whose writing process, on this host,
+    no longer exists; `keep` is left alone (the run a resumed stage continues). Returns the ended run ids.
+    Runs written on another host are left as they are: their process cannot be checked from here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = _retry_locked(lambda: client.get_experiment_by_name(experiment_name))
+    if experiment is None:
+        return []
+    runs = _retry_locked(
+        lambda: client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`transferpipe.stage` = '{stage}'",
+        )
+    )
+    host, ended = socket.gethostname(), []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("transferpipe.pid", "")
+        if run.info.run_id == keep or tags.get("transferpipe.host") != host or not pid.isdigit():
+            continue
+        if _process_alive(int(pid), tags.get("transferpipe.pid_start")):
+            continue
+        _retry_locked(lambda run=run: client.set_terminated(run.info.run_id, "KILLED"))
+        print(f"{stage}: MLflow run {run.info.run_id} was left RUNNING by process {pid}, which is gone; ended KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def _end_run(run_id: str, status: str) -> None:
@@ -318,58 +482,239 @@ def _end_run(run_id: str, status: str) -> None:
         _retry_locked(lambda: MlflowClient().set_terminated(run_id, status))
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def log_to_existing_run(run_id: str, metrics: dict[str, float], params: TrackingParams) -> bool:
-    """Add metrics to a finished run (evaluate adds test metrics to the finetune run)."""
+    """Add metrics to a finished run (evaluate adds test metrics to the finetune run); True when added.
+
+    A store without that run (a fresh clone after `dvc pull`, another MLFLOW_TRACKING_URI than training's)
+    is no error, since the metrics files are the record: one warning line on stderr, and False, on which
+    evaluate also leaves that run's registered model alone.
+    """
     if not params.enabled or not run_id:
         return False
-    from mlflow.tracking import MlflowClient
-
-    _configure(tracking_uri(), params.experiment_name)
-    client = MlflowClient()
-    for key, value in metrics.items():
-        _retry_locked(lambda key=key, value=value: client.log_metric(run_id, key, float(value)))
-    return True
-
-
-def promote_champion(version: str | None, macro_f1: float, params: TrackingParams) -> str | None:
-    """Point alias `champion` at `version` if its test macro-F1 beats the champion's; a line saying which.
-
-    The champion's score is the test/macro_f1 metric of the run that logged its version. No champion yet
-    (or one never evaluated): `version` becomes champion. None when there is no registry to update.
-    """
-    name = params.registered_model_name
-    if not params.enabled or not name or not version:
-        return None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     _configure(uri, params.experiment_name)
     client = MlflowClient()
-    # Two evaluates sharing an SQLite store read and move the alias in turns.
-    with _store_lock(uri):
+    try:
+        run = _retry_locked(lambda: client.get_run(run_id))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        _warn(
+            f"MLflow store {uri} has no run {run_id} (the model was trained against another store); "
+            "its test metrics are not mirrored there and its registered model is left as it is"
+        )
+        return False
+    for key, value in metrics.items():
+        _retry_locked(lambda key=key, value=value: client.log_metric(run_id, key, float(value)))
+    return True
+
+
+def promote_champion(
+    version: str | None,
+    macro_f1: float,
+    params: TrackingParams,
+    *,
+    test_sha256: str,
+    labels: list[str],
+    run_id: str | None = None,
+) -> str | None:
+    """Tag `version` with its test score, then point alias `champion` at the best comparable version; returns
+    a line saying what happened.
+
+    Comparable: versions of the registered model scored on the same test set and label names, that is with
+    the same TEST_SHA256_TAG (see split_sha256) and LABELS_TAG; each carries its test macro-F1 in
+    SCORE_TAG. A tie keeps the champion. A champion that is not comparable (another test set or labels, or
+    never scored by evaluate) stays where it is, and the line says so. None when there is no registry to
+    update, or (after a warning line on stderr) when this store lacks `version` or has it from another run.
+    """
+    name = params.registered_model_name
+    if not params.enabled or not name or not version:
+        return None
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    _configure(uri, params.experiment_name)
+    client = MlflowClient()
+    version = str(version)
+    try:
+        registered = _retry_locked(lambda: client.get_model_version(name, version))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        _warn(f"MLflow store {uri} has no version {version} of {name}; alias {CHAMPION} left as it is")
+        return None
+    if run_id and registered.run_id != run_id:
+        _warn(
+            f"version {version} of {name} in MLflow store {uri} comes from run {registered.run_id}, not from "
+            f"run {run_id} that trained this model; alias {CHAMPION} left as it is"
+        )
+        return None
+    # The score goes last: a version competes once it has a score, and by then its test set and labels are set.
+    tags = {TEST_SHA256_TAG: test_sha256, LABELS_TAG: json.dumps(labels), SCORE_TAG: repr(float(macro_f1))}
+    for key, value in tags.items():
+        _retry_locked(lambda key=key, value=value: client.set_model_version_tag(name, version, key, value))
+
+    # MLflow has no compare-and-set for an alias: two evaluates that each read the champion, then each move it,
+    # leave it wherever the slower write put it, better or worse. So each evaluate, having tagged its own
+    # version, repeats [read the scores, read the alias; stop if the alias is on a best score, else move it to
+    # the best] until it stops. However the calls of any number of evaluates interleave, the alias ends on a
+    # best version: take the evaluate whose last read of the scores came last. Every evaluate tagged its
+    # version before its own reads, so that read saw every score; every evaluate reads the scores again after
+    # each alias write it makes, so all writes came before that read; the alias it then found on a best score
+    # is where the alias stays (an evaluate killed between a write and its next read can leave a worse one:
+    # rerun it). Evaluates on other test sets race only while there is no champion: the first write wins and
+    # the others find a champion they cannot compare with.
+    before: str | None = None
+    for round_ in range(PROMOTE_ROUNDS):
+        scores = _comparable_scores(client, name, test_sha256, labels)
+        champion = _champion_of(client, name)
+        if round_ == 0:
+            before = champion
+        if champion is not None and champion not in scores:
+            return _incomparable_line(client, name, champion, version, macro_f1, test_sha256)
+        top = max(scores.values())
+        if champion is not None and scores[champion] == top:
+            return _verdict_line(name, version, macro_f1, before, champion, scores)
+        best = min((v for v, score in scores.items() if score == top), key=int)  # the same pick in every process
+        _move_champion(client, name, best)
+    raise UserError(
+        f"alias {CHAMPION} of {name} in MLflow store {uri} was still moving after {PROMOTE_ROUNDS} rounds; "
+        "rerun evaluate once the other evaluates have finished"
+    )
+
+
+# Model-version tags evaluate sets: the test set and label names a version was scored on, and its score there.
+TEST_SHA256_TAG = "transferpipe.test_sha256"
+LABELS_TAG = "transferpipe.labels"
+SCORE_TAG = f"transferpipe.{CHAMPION_METRIC}"
+# Rounds of promote_champion's read-and-move loop before it gives up: each evaluate moves the alias at most a
+# couple of times once every score is in, so this only ends a registry that something else keeps moving.
+PROMOTE_ROUNDS = 20
+# The registry keeps names in VARCHAR(256) columns: SQLite stores a longer one, MySQL and PostgreSQL refuse it.
+MAX_REGISTERED_MODEL_NAME = 256
+
+
+def split_sha256(texts: list[str], labels: list[int]) -> str:
+    """The sha256 (hex) of a test set as evaluate scores it: its texts with their integer labels.
+
+    Each document is the UTF-8 JSON array [text, label]; these lines are sorted, joined with newlines and
+    hashed, so the digest names the documents and their labels whatever their order (the scores do not
+    depend on it either). The label names are not in it: evaluate tags them beside it (LABELS_TAG).
+    """
+    import hashlib
+    import json
+
+    rows = sorted(json.dumps([str(t), int(label)], ensure_ascii=False) for t, label in zip(texts, labels, strict=True))
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+
+
+def check_registry_name(params: TrackingParams) -> None:
+    """Fail at a stage's start, before any training, on a tracking.registered_model_name that MLflow would
+    reject when finetune registers the trained model."""
+    name = params.registered_model_name
+    if not params.enabled or name is None:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name  # what MLflow's stores check on registration
+
+    if not name.strip():
+        reason = "it is empty; use null for no model registry"
+    elif len(name) > MAX_REGISTERED_MODEL_NAME:
+        reason = f"{len(name)} characters, the registry keeps at most {MAX_REGISTERED_MODEL_NAME}"
+    else:
         try:
-            champion = _retry_locked(lambda: client.get_model_version_by_alias(name, CHAMPION))
+            _validate_model_name(name)
+            return
         except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            champion = None
-        if champion is not None and str(champion.version) == str(version):
-            return f"evaluate: {name} version {version} is the champion already (test macro-F1 {macro_f1:.4f})"
-        best = None
-        if champion is not None and champion.run_id:
-            best = client.get_run(champion.run_id).data.metrics.get(CHAMPION_METRIC)
-        if best is not None and macro_f1 <= best:
-            return (
-                f"evaluate: {name} champion stays version {champion.version} (test macro-F1 {best:.4f}); "
-                f"candidate version {version} scored {macro_f1:.4f}"
+            reason = str(exc.message).strip().splitlines()[0]
+    raise UserError(f"tracking.registered_model_name {name!r} is not a name MLflow accepts: {reason}")
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _comparable_scores(client: Any, name: str, test_sha256: str, labels: list[str]) -> dict[str, float]:
+    """{version: test macro-F1} of the versions of `name` scored on this test set with these label names."""
+    import json
+
+    scores: dict[str, float] = {}
+    token = None
+    while True:
+        # Filtered on the tag alone: a hex digest needs no quoting, a model name may hold both kinds of quote.
+        page = _retry_locked(
+            lambda token=token: client.search_model_versions(
+                f"tags.`{TEST_SHA256_TAG}` = '{test_sha256}'", page_token=token
             )
+        )
+        for mv in page:
+            tags = mv.tags or {}
+            if mv.name != name or SCORE_TAG not in tags or tags.get(LABELS_TAG) != json.dumps(labels):
+                continue
+            with contextlib.suppress(ValueError):
+                scores[str(mv.version)] = float(tags[SCORE_TAG])
+        token = page.token
+        if not token:
+            return scores
+
+
+def _move_champion(client: Any, name: str, version: str) -> None:
+    """Set alias `champion`; a write that lost a race to create the alias counts as not made (the next round
+    reads what won)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
         _retry_locked(lambda: client.set_registered_model_alias(name, CHAMPION, version))
-    before = "no champion before" if champion is None else f"was version {champion.version}"
-    if best is not None:
-        before += f" with {best:.4f}"
-    return f"evaluate: {name} champion is now version {version} (test macro-F1 {macro_f1:.4f}; {before})"
+    except MlflowException as exc:
+        # MLflow sets an alias by a read, then an insert or an update: two writers that both found no alias
+        # both insert, and the second breaks the alias table's unique key (a BAD_REQUEST through a server).
+        if not any(text in str(exc) for text in ("UNIQUE constraint", "IntegrityError", "duplicate key")):
+            raise
+
+
+def _champion_of(client: Any, name: str) -> str | None:
+    version = _retry_locked(lambda: client.get_registered_model(name)).aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def _incomparable_line(client: Any, name: str, champion: str, version: str, macro_f1: float, test_sha256: str) -> str:
+    tags = _retry_locked(lambda: client.get_model_version(name, champion)).tags or {}
+    if SCORE_TAG not in tags or TEST_SHA256_TAG not in tags:
+        why = "was never scored by evaluate"
+    elif tags[TEST_SHA256_TAG] != test_sha256:
+        why = f"was scored on another test set (sha256 {tags[TEST_SHA256_TAG][:12]}, this one {test_sha256[:12]})"
+    else:
+        why = f"was scored with other label names ({tags.get(LABELS_TAG)})"
+    return (
+        f"evaluate: {name} champion stays version {champion}: it {why}, so candidate version {version} "
+        f"(test macro-F1 {macro_f1:.4f}) is not compared with it; delete alias {CHAMPION} or set it by hand to "
+        "start over"
+    )
+
+
+def _verdict_line(
+    name: str, version: str, macro_f1: float, before: str | None, after: str, scores: dict[str, float]
+) -> str:
+    if after == before == version:
+        return f"evaluate: {name} version {version} is the champion already (test macro-F1 {macro_f1:.4f})"
+    candidate = "" if after == version else f"; candidate version {version} scored {macro_f1:.4f}"
+    if after == before:
+        return f"evaluate: {name} champion stays version {after} (test macro-F1 {scores[after]:.4f}){candidate}"
+    was = "no champion before" if before is None else f"was version {before}"
+    if before in scores:
+        was += f" with {scores[before]:.4f}"
+    return f"evaluate: {name} champion is now version {after} (test macro-F1 {scores[after]:.4f}; {was}){candidate}"

@@ -1,0 +1,191 @@
+"""Fresh clones of one reproduced tiny pipeline, as a CI runner or a colleague gets them: the pull-request
+workflow's own steps with an empty DVC cache, and a finished run shared through a local-directory DVC remote
+(push, clone, pull: nothing left to rerun, a model that predicts, a report that finds the base's MLflow run
+ids). The module reproduces the base once; only the workflow test runs the pipeline again, as CI does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_PARAMS, clean_env, committed_tiny_repo
+from transferpipe.report import RUN_FILES
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW = REPO / ".github/workflows/pull-request.yml"
+UNKNOWN = "are not in the DVC cache, so its MLflow run ids are unknown"
+# The only GitHub expression the steps run here use, as a pull request into main sets it.
+GITHUB_CONTEXT = {"${{ github.base_ref }}": "main"}
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def fresh_clone(origin: Path, dest: Path, branch: str) -> tuple[Path, dict[str, str]]:
+    """`git clone` of one branch: git's files only, so an empty DVC cache and no outputs on disk."""
+    env = clean_env(dest)
+    sh(["git", "clone", "-q", "-b", branch, str(origin), str(dest)], dest.parent, env)
+    assert not (dest / ".dvc/cache").exists()
+    return dest, env
+
+
+def report(root: Path, env: dict[str, str], base: str, out: str) -> str:
+    proc = sh([sys.executable, "-m", "transferpipe.cli", "report", "--base", base, "--out", out], root, env)
+    assert "Traceback" not in proc.stderr
+    return (root / out).read_text()
+
+
+def run_ids(root: Path) -> dict[str, str]:
+    """Report stage name -> the MLflow run id recorded in that stage's DVC output."""
+    return {stage: json.loads((root / path).read_text())["mlflow_run_id"] for stage, path in RUN_FILES.items()}
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Branch main: the pipeline with the tiny profile as params.yaml and at tests/fixtures/params-tiny.yaml
+    (where the workflow copies it from), reproduced and committed. No DVC remote."""
+    root = tmp_path_factory.mktemp("origin")
+    env = committed_tiny_repo(root)
+    (root / "tests/fixtures").mkdir(parents=True)
+    shutil.copy2(TINY_PARAMS, root / "tests/fixtures/params-tiny.yaml")
+    sh(dvc("repro"), root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "reproduced"], root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def remote(origin: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Branch shared: main plus a local-directory default remote in .dvc/config, committed (a clone gets
+    only what git has), and main's outputs pushed to it. origin is left on main."""
+    root, env = origin
+    storage = tmp_path_factory.mktemp("dvc-remote")
+    sh(["git", "checkout", "-q", "-b", "shared"], root, env)
+    try:
+        sh(dvc("remote", "add", "-d", "local", str(storage)), root, env)
+        sh(["git", "add", ".dvc/config"], root, env)
+        sh(["git", "commit", "-qm", "share results through a DVC remote"], root, env)
+        assert sh(["git", "status", "--porcelain"], root, env).stdout == ""
+        sh(dvc("push"), root, env)
+    finally:
+        sh(["git", "checkout", "-q", "main"], root, env)
+    assert list(storage.rglob("*.dir")), "dvc push left no directory manifests in the remote"
+    return storage
+
+
+def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """The workflow's steps after the install, as written in pull-request.yml, on a runner's fresh checkout."""
+    root, _ = origin
+    job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["report"]
+    steps = {step.get("name"): step for step in job["steps"]}
+    clone, env = fresh_clone(root, tmp_path / "clone", "main")
+    env |= {key: str(value) for key, value in job.get("env", {}).items()}
+    # The pull request: one commit on top of origin/main that changes fine-tuning epochs in the CI profile.
+    profile = clone / "tests/fixtures/params-tiny.yaml"
+    text = profile.read_text()
+    epochs = yaml.safe_load(text)["finetune"]["epochs"]
+    new_epochs = 1 if epochs > 1 else 2
+    assert text.count(f"  epochs: {epochs}\n") == 1
+    profile.write_text(text.replace(f"  epochs: {epochs}\n", f"  epochs: {new_epochs}\n"))
+    git_user = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    sh(["git", *git_user, "commit", "-qam", f"CI profile: {new_epochs} fine-tuning epochs"], clone, env)
+
+    def expand(value: str) -> str:
+        for expression, replacement in GITHUB_CONTEXT.items():
+            value = value.replace(expression, replacement)
+        assert "${{" not in value, f"a GitHub expression this test does not know: {value}"
+        return value
+
+    def run_step(name: str) -> subprocess.CompletedProcess:
+        step = steps[name]
+        step_env = env | {key: expand(str(value)) for key, value in step.get("env", {}).items()}
+        return bash(step["run"], step_env)
+
+    def bash(script: str, script_env: dict[str, str]) -> subprocess.CompletedProcess:
+        # How Actions runs a `run:` script on Linux.
+        return sh(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", expand(script)], clone, script_env)
+
+    run_step("Run the pipeline with the tiny CI profile")
+    built = run_step("Build the report against the base branch")
+    assert "Traceback" not in built.stdout + built.stderr
+    text = (clone / "report.md").read_text()
+    assert "## Params" in text and "## Metrics" in text and "## MLflow runs" in text
+    assert f"| `finetune.epochs` | `{epochs}` | `{new_epochs}` |" in text
+    assert "| metrics/evaluate.json | `test.pretrained.macro_f1` |" in text
+    # The base's outputs are in neither the runner's empty cache nor a remote: unknown, said once.
+    for stage, run_id in run_ids(clone).items():
+        assert f"| {stage} | — | `{run_id}` |" in text
+    assert text.count(UNKNOWN) == 1
+    assert "![Pretraining loss (masked LM)](report_images/pretrain_loss.png)" in text
+
+    # The comment step's rewrite of image links, alone: the rest of the step needs GitHub (gh, a token).
+    comment = steps["Comment on the pull request"]["run"]
+    seds = [line.strip() for line in comment.splitlines() if line.strip().startswith("sed ")]
+    assert len(seds) == 1
+    bash(seds[0], env)
+    text = (clone / "report.md").read_text()
+    assert not [line for line in text.splitlines() if line.startswith("![")]
+    assert "- Pretraining loss (masked LM): `report_images/pretrain_loss.png`" in text
+    assert (clone / "report_images/pretrain_loss.png").is_file()
+
+
+def test_a_run_shared_through_a_remote_pulls_clean_and_predicts(
+    origin: tuple[Path, dict[str, str]], remote: Path, tmp_path: Path
+) -> None:
+    root, _ = origin
+    clone, env = fresh_clone(root, tmp_path / "clone", "shared")
+    assert str(remote) in sh(dvc("remote", "list"), clone, env).stdout  # the committed config came along
+    sh(dvc("pull"), clone, env)
+    assert "Data and pipelines are up to date." in sh(dvc("status"), clone, env).stdout
+    repro = sh(dvc("repro"), clone, env).stdout
+    assert "Running stage" not in repro
+    assert "Data and pipelines are up to date." in repro
+    assert sh(["git", "status", "--porcelain"], clone, env).stdout == ""
+
+    from transformers import pipeline
+
+    texts = ["The striker scored twice as the team won the cup final.", "Shares fell after the bank's profit warning."]
+    labels = json.loads((clone / "data/prepared/labels.json").read_text())
+    pulled = pipeline("text-classification", model=str(clone / "models/finetuned/pretrained"))(texts)
+    assert {p["label"] for p in pulled} <= set(labels)  # label names, not LABEL_0
+    # The same bytes as the model that was pushed, hence the same scores.
+    assert pulled == pipeline("text-classification", model=str(root / "models/finetuned/pretrained"))(texts)
+
+
+def test_the_report_finds_the_base_run_ids_through_the_remote(
+    origin: tuple[Path, dict[str, str]], remote: Path, tmp_path: Path
+) -> None:
+    root, _ = origin
+    base_ids = run_ids(root)
+    clone, env = fresh_clone(root, tmp_path / "clone", "shared")
+
+    # A base whose committed .dvc/config has the remote: dvc.api.read fetches from it, no pull needed (the
+    # working tree has no outputs yet).
+    text = report(clone, env, "HEAD", "fetched.md")
+    for stage, run_id in base_ids.items():
+        assert f"| {stage} | `{run_id}` | — |" in text
+    assert UNKNOWN not in text
+
+    # main predates the remote, so its outputs can come from the local cache only: unknown until a pull
+    # brings them (shared's outputs are main's).
+    assert report(clone, env, "origin/main", "before_pull.md").count(UNKNOWN) == 1
+    sh(dvc("pull"), clone, env)
+    text = report(clone, env, "origin/main", "pulled.md")
+    for stage, run_id in base_ids.items():
+        assert f"| {stage} | `{run_id}` | `{run_id}` |" in text
+    assert UNKNOWN not in text

@@ -1,0 +1,212 @@
+"""A training stage killed with SIGKILL resumes from its last checkpoint: same weights bit for bit as an
+uninterrupted run, the same MLflow run with continuous histories, and no checkpoint left afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from stages import prepare, pretrain, tokenize
+from tests.conftest import REPO, tiny_params
+from transferpipe.checkpoint import CHECKPOINT_DIR, Checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def stage_command(stage: str, params: Path, d: Path, out: str) -> list[str]:
+    argv = {
+        "pretrain": ["--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/{out}", "--scratch",
+                     f"{d}/{out}-scratch", "--metrics", f"{d}/{out}.json", "--plots", f"{d}/{out}-plots"],
+        "finetune": ["--data", f"{d}/t", "--encoder", f"{d}/enc", "--variant", "pretrained", "--out", f"{d}/{out}",
+                     "--metrics", f"{d}/{out}.json", "--plots", f"{d}/{out}-plots"],
+    }[stage]  # fmt: skip
+    return [sys.executable, "-m", f"stages.{stage}", "--params", str(params), *argv]
+
+
+def env_for(uri: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+
+
+def checkpoint_files(d: Path) -> list[Path]:
+    return sorted((d / CHECKPOINT_DIR).glob("*/checkpoint.pt"))
+
+
+def kill_after_first_checkpoint(command: list[str], d: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(command, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint_files(d):
+        assert proc.poll() is None, f"the stage ended before its first checkpoint:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, proc.returncode, out)
+
+
+def run_stage(command: list[str], d: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(command, cwd=d, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def runs_by_name(client: MlflowClient, name: str) -> list:
+    exp = client.get_experiment_by_name("transferpipe-test")
+    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Prepared and tokenized tiny data in tmp_path (p, tok, b, t), the working directory (the repository
+    root, where .scratch/checkpoints goes)."""
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tokenize={"max_length": 16})
+    d = tmp_path
+    prepare.main(["--params", str(params), "--out", f"{d}/p", "--stats", f"{d}/s.json"])
+    tokenize.main(["--params", str(params), "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--blocks", f"{d}/b",
+                   "--out", f"{d}/t"])  # fmt: skip
+    return d
+
+
+def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared: Path, mlflow_uri: str) -> None:
+    d = prepared
+    steps = 300
+    params = tiny_params(
+        d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
+        pretrain={"max_steps": steps, "checkpoint_every": 40, "eval_every": 50},
+    )  # fmt: skip
+    env = env_for(mlflow_uri)
+    run_stage(stage_command("pretrain", params, d, "whole"), d, env)
+    assert checkpoint_files(d) == []  # a successful stage deletes its checkpoints
+
+    killed = kill_after_first_checkpoint(stage_command("pretrain", params, d, "resumed"), d, env)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (d / "resumed").exists()  # nothing half-written
+    resumed_from = Checkpoints(checkpoint_files(d)[0].parent, None).state["progress"].step
+    assert 0 < resumed_from < steps
+    output = run_stage(stage_command("pretrain", params, d, "resumed"), d, env)
+    assert f"resuming pretrain from step {resumed_from} of {steps}" in output
+    assert checkpoint_files(d) == []
+
+    assert_same_weights(d / "whole", d / "resumed")
+    assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
+    assert (d / "whole-plots/train.csv").read_text() == (d / "resumed-plots/train.csv").read_text()
+
+    client = MlflowClient()
+    whole, resumed = sorted(runs_by_name(client, "pretrain"), key=lambda r: r.info.start_time)
+    assert resumed.info.status == whole.info.status == "FINISHED"  # one run for the killed and resumed process
+    for key in ("train/loss", "train/learning_rate", "eval/loss"):
+        expected = history(client, whole.info.run_id, key)
+        got = history(client, resumed.info.run_id, key)
+        assert [s for s, _ in got] == [s for s, _ in expected], key  # no step missing or repeated
+        assert got == expected, key
+
+
+def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path, mlflow_uri: str) -> None:
+    d = prepared
+    # 60 training documents in batches of 8: 8 steps an epoch, so a checkpoint every 20 steps is mid-epoch.
+    params = tiny_params(
+        d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
+        finetune={"epochs": 12, "checkpoint_every": 20, "early_stopping_patience": 100},
+    )  # fmt: skip
+    pretrain.main(
+        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
+         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
+    )  # fmt: skip
+    env = env_for(mlflow_uri)
+    run_stage(stage_command("finetune", params, d, "whole"), d, env)
+    killed = kill_after_first_checkpoint(stage_command("finetune", params, d, "resumed"), d, env)
+    assert killed.returncode == -signal.SIGKILL
+    progress = Checkpoints(checkpoint_files(d)[0].parent, None).state["progress"]
+    assert 0 < progress.position < 8, "the checkpoint is not mid-epoch"
+    output = run_stage(stage_command("finetune", params, d, "resumed"), d, env)
+    assert f"resuming finetune from step {progress.step} of " in output
+
+    assert_same_weights(d / "whole", d / "resumed")
+    assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
+    client = MlflowClient()
+    whole, resumed = sorted(runs_by_name(client, "finetune-pretrained"), key=lambda r: r.info.start_time)
+    assert history(client, resumed.info.run_id, "eval/macro_f1") == history(client, whole.info.run_id, "eval/macro_f1")
+    assert resumed.info.status == "FINISHED"
+
+
+def test_a_changed_param_never_resumes_a_stale_checkpoint(prepared: Path) -> None:
+    d = prepared
+    base = tiny_params(d, pretrain={"max_steps": 6})
+    key = Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "b"], 2).folder
+    assert key == Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "b"], 2).folder
+    assert key != Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 7}}, [d / "b"], 2).folder
+    assert key != Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "t"], 2).folder
+    assert base.exists()
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path / "ck", every=1)
+    checkpoints.save({"step": 1, "weights": torch.ones(3)})
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises for an unpicklable object
+        checkpoints.save({"step": 2, "weights": torch.zeros(3), "bad": lambda: None})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["checkpoint.pt"]
+    state = Checkpoints(tmp_path / "ck", every=1).state
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
+
+
+def test_a_tracking_failure_after_training_keeps_the_model_and_a_rerun_only_records_it(
+    prepared: Path, mlflow_uri: str, capsys: pytest.CaptureFixture
+) -> None:
+    import mlflow
+
+    from stages import finetune
+    from transferpipe.errors import UserError
+
+    d = prepared
+    params = tiny_params(d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16})
+    pretrain.main(
+        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
+         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
+    )  # fmt: skip
+    # The experiment's artifact store sits below a file: every artifact write (the model) fails, metrics do not.
+    (d / "blocker").write_text("not a folder")
+    mlflow.set_tracking_uri(mlflow_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("transferpipe-test")
+    client.rename_experiment(experiment.experiment_id, "transferpipe-test-old")
+    client.create_experiment("transferpipe-test", artifact_location=(d / "blocker" / "artifacts").as_uri())
+    argv = stage_command("finetune", params, d, "model")[3:]
+    with pytest.raises(UserError, match=r"is complete, but MLflow could not record it") as caught:
+        finetune.main(argv)
+    assert "\n" not in str(caught.value)
+    assert (d / "model/model.safetensors").is_file() and (d / "model.json").is_file()  # outputs kept
+    first = load_file(d / "model/model.safetensors")
+    assert [p.parent.name.startswith("finetune-pretrained-") for p in checkpoint_files(d)] == [True]
+
+    (d / "blocker").unlink()  # the store is fixed
+    capsys.readouterr()
+    finetune.main(argv)
+    captured = capsys.readouterr()
+    assert "training finished earlier" in captured.out + captured.err
+    second = load_file(d / "model/model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert checkpoint_files(d) == []
+    run = runs_by_name(client, "finetune-pretrained")[0]
+    assert run.info.status == "FINISHED"
+    version = client.get_model_version_by_alias("transferpipe-test-classifier", "candidate")
+    assert version.run_id == run.info.run_id
