@@ -14,7 +14,7 @@ Inputs:  --data tokenized datasets (train, validation, labels.json), --encoder f
          --variant pretrained | scratch
 Outputs: --out save_pretrained folder (+ training_run.json: MLflow run id and registered model version),
          --metrics JSON, --plots folder
-Params:  finetune, tracking, tokenize.max_length (the logged MLflow model truncates texts to it)
+Params:  finetune, tracking, tokenize.max_length and max_windows (how the logged MLflow model cuts long texts)
 Run:     python -m stages.finetune --params params.yaml --data data/tokenized --encoder models/pretrained \
              --variant pretrained --out models/finetuned/pretrained --metrics metrics/finetune/pretrained.json \
              --plots plots/finetune/pretrained
@@ -38,6 +38,7 @@ from transferpipe.finetuning import finetune, first_windows
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import FinetuneParams, TokenizeParams, TrackingParams, load_section, to_flat_dict
+from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, recording, start_run
 from transferpipe.training import seed_everything
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             registry_name = tracking.registered_model_name if args.variant == "pretrained" else None
             version = run.log_text_classifier(
-                args.out, examples, registry_name, windows.max_length, max_windows=windows.max_windows
+                args.out, examples, TextClassifier(), registry_name, windows.max_length, windows.max_windows
             )
             # The folder names the registered version it became (evaluate reads it to move `champion`).
             write_json(args.out / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": version})

@@ -21,6 +21,7 @@ from tests.conftest import REPO, TOPICS
 from transferpipe import tracking
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
+from transferpipe.serving import TextClassifier
 
 PARAMS = TrackingParams(enabled=True, experiment_name="unit")
 TOPICS_SET = set(TOPICS)
@@ -257,11 +258,11 @@ def tiny_classifier(folder: Path) -> Path:
 def test_logged_classifier_is_registered_with_alias_candidate_only_when_named(tmp_path: Path, mlflow_uri: str) -> None:
     model_dir = tiny_classifier(tmp_path / "clf")
     with tracking.start_run("finetune", PARAMS) as run:
-        assert run.log_text_classifier(model_dir, ["bank shares", "film music"], None) is None
+        assert run.log_text_classifier(model_dir, ["bank shares", "film music"], TextClassifier(), None) is None
     client = MlflowClient(mlflow_uri)
     assert client.search_registered_models() == []
     with tracking.start_run("finetune", PARAMS) as run:
-        version = run.log_text_classifier(model_dir, ["bank shares", "film music"], "unit-model")
+        version = run.log_text_classifier(model_dir, ["bank shares", "film music"], TextClassifier(), "unit-model")
     assert version == "1"
     registered = client.get_model_version_by_alias("unit-model", "candidate")
     assert str(registered.version) == "1" and registered.run_id == run.run_id

@@ -131,11 +131,13 @@ class Run:
         self,
         model_dir: Path,
         example_texts: list[str],
+        python_model: Any,
         registered_model_name: str | None = None,
         max_length: int | None = None,
         max_windows: int | None = 1,
     ) -> str | None:
-        """The fine-tuned model as an MLflow pyfunc model (transferpipe.serving.TextClassifier): predict(texts)
+        """The fine-tuned model as an MLflow pyfunc model (`python_model`, a transferpipe.serving.TextClassifier,
+        passed in so that only the stages that log a classifier import serving): predict(texts)
         gives a DataFrame of `label` (label names) and `score`, each text scored as evaluate scores it
         (serving.predict_texts): the mean logits of its windows of max_length tokens, at most max_windows of them
         (None: all; max_length None: each text whole, as one window).
@@ -148,7 +150,6 @@ class Run:
         """
         if not self.run_id:
             return None
-        import importlib
         import shutil
         import tempfile
 
@@ -159,18 +160,15 @@ class Run:
         import torch
         import transformers
 
-        # Imported by name: every training stage imports this module, pretrain included, and only this method
-        # needs serving (and through it finetuning); tests/test_consistency.py reads static imports as deps.
-        serving = importlib.import_module("transferpipe.serving")
         with tempfile.TemporaryDirectory() as scratch:
             # The artifact keeps its folder's name: `classifier`, not the atomic write's hidden temporary name.
             folder = shutil.copytree(model_dir, Path(scratch) / "classifier")
             info = _retry_locked(
                 lambda: mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=serving.TextClassifier(),
+                    python_model=python_model,
                     artifacts={"model": str(folder)},
-                    code_paths=[str(Path(serving.__file__).parent)],  # the transferpipe package itself
+                    code_paths=[str(Path(__file__).parent)],  # the transferpipe package itself
                     model_config={"max_length": max_length, "max_windows": max_windows},
                     input_example=example_texts[:2],
                     # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
