@@ -112,6 +112,10 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
     model_config: max_length, max_windows (the tokenize params evaluate scored with) and batch_size.
     """
 
+    # predict() takes what texts_of() accepts: MLflow's type-hint schema (and its warning that there is none,
+    # printed by every stage that imports this module) would convert inputs before they get there.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         folder = Path(context.artifacts["model"])
         config = context.model_config or {}
