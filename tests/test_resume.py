@@ -3,6 +3,7 @@ uninterrupted run, the same MLflow run with continuous histories, and no checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,14 +41,33 @@ def checkpoint_files(d: Path) -> list[Path]:
     return sorted((d / CHECKPOINT_DIR).glob("*/checkpoint.pt"))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (from /proc), children first found first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def kill_after_first_checkpoint(command: list[str], d: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run command and SIGKILL it, and every process it started (torchrun's workers), once a checkpoint is on
+    disk: as the OOM killer or a lost machine would."""
     proc = subprocess.Popen(command, cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not checkpoint_files(d):
         assert proc.poll() is None, f"the stage ended before its first checkpoint:\n{proc.stdout.read()}"
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill every descendant, as a lost machine would.
+    for pid in [*descendants(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(command, proc.returncode, out)
 
@@ -147,6 +167,27 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
     whole, resumed = sorted(runs_by_name(client, "finetune-pretrained"), key=lambda r: r.info.start_time)
     assert history(client, resumed.info.run_id, "eval/macro_f1") == history(client, whole.info.run_id, "eval/macro_f1")
     assert resumed.info.status == "FINISHED"
+
+
+def test_killed_pretraining_under_torchrun_resumes_every_rank(prepared: Path, mlflow_uri: str) -> None:
+    d = prepared
+    steps = 120
+    params = tiny_params(
+        d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
+        pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40},
+    )  # fmt: skip
+    env = {k: v for k, v in env_for(mlflow_uri).items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["TRANSFERPIPE_NPROC"] = "2"
+    run_stage(stage_command("pretrain", params, d, "whole"), d, env)
+    killed = kill_after_first_checkpoint(stage_command("pretrain", params, d, "resumed"), d, env)
+    assert killed.returncode == -signal.SIGKILL
+    state = Checkpoints(checkpoint_files(d)[0].parent, None).state
+    assert len(state["rng"]) == 2  # each rank's own RNG states
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    output = run_stage(stage_command("pretrain", params, d, "resumed"), d, env)
+    assert f"resuming pretrain from step {state['progress'].step} of {steps}" in output
+    assert_same_weights(d / "whole", d / "resumed")
+    assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
 
 
 def test_a_changed_param_never_resumes_a_stale_checkpoint(prepared: Path) -> None:
