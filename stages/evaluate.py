@@ -5,8 +5,9 @@ labels and are scored with scikit-learn on the same test documents: a fine-tuned
 document is the mean of its logits over the document's windows (tokenize.max_length tokens each, at most
 tokenize.max_windows), computed from the raw text by serving.predict_texts, the very function the registered
 MLflow model's predict calls; the baseline reads the whole text. Each fine-tuned model's test metrics are
-also added to its finetune MLflow run, and the registered model's alias `champion` moves to a registered
-version when its test macro-F1 beats the current champion's.
+also added to its finetune MLflow run (a store without that run: one warning, MLflow left alone). The
+registered version is tagged with the test set's sha256, the label names and its score, and the alias
+`champion` moves to the best version scored on this same test set; a champion scored on another stays.
 
 Inputs:  --data prepared splits (raw text), --models folders (each named after its variant:
          models/finetuned/pretrained ...)

@@ -16,6 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import tiny_params
 from transferpipe import tracking
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
@@ -211,3 +212,23 @@ def test_registry_name_check_fails_a_process_in_one_line(tmp_path: Path) -> None
         "error: tracking.registered_model_name 'models/classifier' is not a name MLflow accepts: "
         "Invalid model name 'models/classifier'. Names cannot contain '/' or ':'."
     ]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "evaluate"])
+def test_a_bad_registered_name_stops_each_stage_before_it_reads_anything(
+    tmp_path: Path, mlflow_uri: str, stage: str
+) -> None:
+    import importlib
+
+    params = tiny_params(tmp_path, tracking={"registered_model_name": "team/classifier"})
+    missing = str(tmp_path / "missing")  # read first thing after the checks: any other order fails differently
+    argv = {
+        "pretrain": ["--data", missing, "--tokenizer", missing, "--out", missing, "--scratch", missing,
+                     "--metrics", missing, "--plots", missing],
+        "finetune": ["--data", missing, "--encoder", missing, "--out", missing, "--metrics", missing,
+                     "--plots", missing],
+        "evaluate": ["--data", missing, "--models", missing, "--metrics", missing, "--plots", missing],
+    }[stage]  # fmt: skip
+    with pytest.raises(UserError, match=r"^tracking.registered_model_name 'team/classifier' is not a name"):
+        importlib.import_module(f"stages.{stage}").main(["--params", str(params), *argv])
+    assert not (tmp_path / "missing").exists()

@@ -9,18 +9,23 @@ each session (PRAGMA busy_timeout), which covers ordinary contention; two proces
 at once, however, corrupt its schema migration for good, so store creation is serialized with a file lock,
 and a write that still meets "database is locked" is retried with backoff before giving up with a message.
 
-The model registry: finetune registers its model (alias `candidate`), evaluate moves alias `champion`.
+The model registry: finetune registers its model (alias `candidate`); evaluate tags each version with the test
+set it scored (sha256, label names, macro-F1) and moves alias `champion` to the best version scored on that
+same test set. Runs record their host and process; see start_run for how a run ends.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -194,9 +199,11 @@ class Run:
 
 
 def check_tracking(params: TrackingParams) -> None:
-    """Fail in seconds, before any data or model is loaded, when the tracking server cannot be reached."""
+    """Fail in seconds, before any data or model is loaded, when the tracking server cannot be reached or
+    the registered-model name is one MLflow would reject after training."""
     if params.enabled:
         _check_reachable(tracking_uri())
+        check_registry_name(params)
 
 
 def _check_reachable(uri: str) -> None:
@@ -537,7 +544,6 @@ def promote_champion(
     name = params.registered_model_name
     if not params.enabled or not name or not version:
         return None
-    import json
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -611,8 +617,6 @@ def split_sha256(texts: list[str], labels: list[int]) -> str:
     hashed, so the digest names the documents and their labels whatever their order (the scores do not
     depend on it either). The label names are not in it: evaluate tags them beside it (LABELS_TAG).
     """
-    import hashlib
-    import json
 
     rows = sorted(json.dumps([str(t), int(label)], ensure_ascii=False) for t, label in zip(texts, labels, strict=True))
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
@@ -641,14 +645,12 @@ def check_registry_name(params: TrackingParams) -> None:
 
 
 def _warn(message: str) -> None:
-    import sys
 
     print(f"warning: {message}", file=sys.stderr)
 
 
 def _comparable_scores(client: Any, name: str, test_sha256: str, labels: list[str]) -> dict[str, float]:
     """{version: test macro-F1} of the versions of `name` scored on this test set with these label names."""
-    import json
 
     scores: dict[str, float] = {}
     token = None
