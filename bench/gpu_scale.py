@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "--plots", str(run / f"plots_{variant}")]
                 )  # fmt: skip
             scores = evaluate.main(
-                ["--params", str(run_params), "--data", str(args.data), "--tokenized", str(args.out / "tokenized"),
+                ["--params", str(run_params), "--data", str(args.data),
                  "--models", *(str(run / variant) for variant in args.variants),
                  "--metrics", str(run / "evaluate.json"), "--plots", str(run / "plots_evaluate")]
             )  # fmt: skip

@@ -192,7 +192,7 @@ def test_evaluate_refuses_models_with_the_same_name_before_reading_anything(tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     work = tmp_path / "out"
     command = [sys.executable, "-m", "stages.evaluate", "--params", str(tiny_params(tmp_path))]
-    command += ["--data", str(tmp_path / "p"), "--tokenized", str(tmp_path / "t")]
+    command += ["--data", str(tmp_path / "p")]
     command += ["--models", str(tmp_path / "a/pretrained"), str(tmp_path / "b/pretrained")]
     command += ["--metrics", str(work / "evaluate.json"), "--plots", str(work / "plots")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -109,10 +109,10 @@ def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytes
 
 def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared: Path, mlflow_uri: str) -> None:
     d = prepared
-    steps = 300
+    steps = 120
     params = tiny_params(
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
-        pretrain={"max_steps": steps, "checkpoint_every": 40, "eval_every": 50},
+        pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40},
     )  # fmt: skip
     env = env_for(mlflow_uri)
     run_stage(stage_command("pretrain", params, d, "whole"), d, env)
@@ -146,7 +146,7 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
     # 60 training documents in batches of 8: 8 steps an epoch, so a checkpoint every 20 steps is mid-epoch.
     params = tiny_params(
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
-        finetune={"epochs": 12, "checkpoint_every": 20, "early_stopping_patience": 100},
+        finetune={"epochs": 6, "checkpoint_every": 20, "early_stopping_patience": 100},
     )  # fmt: skip
     pretrain.main(
         ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
