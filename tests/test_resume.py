@@ -107,13 +107,18 @@ def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytes
     return d
 
 
-def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared: Path, mlflow_uri: str) -> None:
-    d = prepared
-    steps = 120
-    params = tiny_params(
+def long_pretraining(d: Path, steps: int) -> Path:
+    """The tiny profile with `steps` of pretraining, a checkpoint every 30: long enough to kill mid-run."""
+    return tiny_params(
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
         pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40},
     )  # fmt: skip
+
+
+def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared: Path, mlflow_uri: str) -> None:
+    d = prepared
+    steps = 120
+    params = long_pretraining(d, steps)
     env = env_for(mlflow_uri)
     run_stage(stage_command("pretrain", params, d, "whole"), d, env)
     assert checkpoint_files(d) == []  # a successful stage deletes its checkpoints
@@ -131,7 +136,7 @@ def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared
     assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
     assert (d / "whole-plots/train.csv").read_text() == (d / "resumed-plots/train.csv").read_text()
 
-    client = MlflowClient()
+    client = MlflowClient(mlflow_uri)
     whole, resumed = sorted(runs_by_name(client, "pretrain"), key=lambda r: r.info.start_time)
     assert resumed.info.status == whole.info.status == "FINISHED"  # one run for the killed and resumed process
     for key in ("train/loss", "train/learning_rate", "eval/loss"):
@@ -163,7 +168,7 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
 
     assert_same_weights(d / "whole", d / "resumed")
     assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
-    client = MlflowClient()
+    client = MlflowClient(mlflow_uri)
     whole, resumed = sorted(runs_by_name(client, "finetune-pretrained"), key=lambda r: r.info.start_time)
     assert history(client, resumed.info.run_id, "eval/macro_f1") == history(client, whole.info.run_id, "eval/macro_f1")
     assert resumed.info.status == "FINISHED"
@@ -172,10 +177,7 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
 def test_killed_pretraining_under_torchrun_resumes_every_rank(prepared: Path, mlflow_uri: str) -> None:
     d = prepared
     steps = 120
-    params = tiny_params(
-        d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
-        pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40},
-    )  # fmt: skip
+    params = long_pretraining(d, steps)
     env = {k: v for k, v in env_for(mlflow_uri).items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["TRANSFERPIPE_NPROC"] = "2"
     run_stage(stage_command("pretrain", params, d, "whole"), d, env)
@@ -227,7 +229,7 @@ def test_a_tracking_failure_after_training_keeps_the_model_and_a_rerun_only_reco
     # The experiment's artifact store sits below a file: every artifact write (the model) fails, metrics do not.
     (d / "blocker").write_text("not a folder")
     mlflow.set_tracking_uri(mlflow_uri)
-    client = MlflowClient()
+    client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("transferpipe-test")
     client.rename_experiment(experiment.experiment_id, "transferpipe-test-old")
     client.create_experiment("transferpipe-test", artifact_location=(d / "blocker" / "artifacts").as_uri())
