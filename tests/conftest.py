@@ -122,3 +122,21 @@ def committed_tiny_repo(root: Path) -> dict[str, str]:
     ):
         subprocess.run(args, cwd=root, env=env, check=True, capture_output=True, timeout=120)
     return env
+
+
+def wait_for_http(url: str, proc, log: Path, timeout: float) -> None:
+    """Poll url until it answers 200; fail with the end of log if proc exits first or timeout passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
+        time.sleep(0.5)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import evaluate, finetune, prepare, pretrain, tokenize
-from tests.conftest import REPO, make_corpus, tiny_params
+from tests.conftest import REPO, make_corpus, tiny_params, wait_for_http
 from transferpipe import tracking
 from transferpipe.data import read_prepared
 from transferpipe.params import TrackingParams
@@ -66,17 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
-            time.sleep(0.5)
+        wait_for_http(f"{uri}/health", proc, d / "server.log", timeout=120)
         yield uri, d / "artifacts"
     finally:
         proc.terminate()

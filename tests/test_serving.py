@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import make_corpus, tiny_params
+from tests.conftest import make_corpus, tiny_params, wait_for_http
 from tests.test_stages import dvc_commands
 from tests.test_tracking import tiny_classifier
 from transferpipe.errors import UserError
@@ -194,17 +193,7 @@ def test_mlflow_models_serve_answers_with_evaluates_label_names(pipeline: tuple[
         start_new_session=True,  # its own process group: the server's workers end with it
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (d / f"serve-{port}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
-            time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, d / f"serve-{port}.log", timeout=180)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"inputs": texts}).encode(),

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,6 @@ class Checkpoints:
     def __init__(self, folder: Path, every: int | None) -> None:
         self.folder = Path(folder)
         self.every = every or None  # 0 or None: no periodic checkpoints
-        self.seconds = 0.0  # spent writing checkpoints, for the stage's metrics
         path = self.folder / FILE
         # Our own file in an ignored local folder: it holds RNG tuples and numpy states, not only tensors.
         self.state: dict[str, Any] | None = (
@@ -115,7 +113,6 @@ class Checkpoints:
 
     def save(self, state: dict[str, Any]) -> None:
         """Write `state` with every rank's RNG states (a collective under torchrun: every rank calls it)."""
-        start = time.perf_counter()
         state = {**state, "rng": distributed.gather_objects(rng_state())}
         if distributed.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -130,7 +127,6 @@ class Checkpoints:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         self.state = state
-        self.seconds += time.perf_counter() - start
 
     def restore_rng(self) -> None:
         assert self.state is not None

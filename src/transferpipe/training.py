@@ -83,7 +83,6 @@ class FitResult:
     stopped_early: bool = False
     skipped_steps: int = 0  # steps whose gradients were not finite: no update was made
     checkpoint_seconds: float = 0.0  # spent writing checkpoints
-    resumed_from: int | None = None  # the step a resumed run started after (None: trained from step 0)
 
     def write_curves(self, folder: Path) -> None:
         """train.csv (step, loss, learning_rate) and eval.csv (step, epoch, eval metrics): DVC plots."""
@@ -207,7 +206,6 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result, progress = state["result"], state["progress"]
-        result.resumed_from = progress.step
         run.log_rows_once(progress.pending)
         progress.pending = []
         checkpoints.restore_rng()
