@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,8 @@ def load(params: Path = REPO / "params.yaml") -> dict:
 
 
 def default_data(params: dict) -> tuple[dict, list[str]]:
-    data = prepare(params["prepare"])
+    with tempfile.TemporaryDirectory(prefix="bench-prepared-") as out:
+        data = prepare(params["prepare"], Path(out))
     tok = params["tokenize"]
     tokenizer = train_wordpiece(data.splits["train"]["text"].tolist(), tok.vocab_size, tok.min_frequency, tok.lowercase)
     return data.splits, tokenizer

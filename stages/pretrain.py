@@ -30,10 +30,17 @@ from transferpipe.distributed import is_main, process_group, relaunch_under_torc
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
 from transferpipe.modeling import count_parameters, pretraining_model, untrained_copy
-from transferpipe.params import ModelParams, PretrainParams, TrackingParams, load_section, to_flat_dict
+from transferpipe.params import (
+    ModelParams,
+    PretrainParams,
+    TrackingParams,
+    check_params_file,
+    load_section,
+    to_flat_dict,
+)
 from transferpipe.pretraining import evaluate_untrained, pretrain
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, recording, start_run
+from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
 from transferpipe.training import seed_everything
 
 
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
     model_params = load_section(args.params, "model", ModelParams)
     params = load_section(args.params, "pretrain", PretrainParams)
     tracking = load_section(args.params, "tracking", TrackingParams)
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
         process_group() as device,
-        start_run("pretrain", tracking, primary=is_main(), resume=checkpoints.run_id) as run,
+        start_run("pretrain", tracking, lineage_tags(args.data), primary=is_main(), resume=checkpoints.run_id) as run,
     ):
         run.log_params(
             {

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import datasets
 
 from transferpipe.data import open_prepared
 from transferpipe.errors import UserError, run_cli
-from transferpipe.io import atomic_dir
-from transferpipe.params import ModelParams, TokenizeParams, load_section
+from transferpipe.io import atomic_dir, temp_sibling_dir
+from transferpipe.params import ModelParams, TokenizeParams, check_params_file, load_section
 from transferpipe.tokenization import (
     load_tokenizer,
     pack_tokenized,
@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.blocks.resolve() == args.out.resolve():
         raise UserError(f"--blocks and --out must be different folders, both are {args.out}")
 
+    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
     params = load_section(args.params, "tokenize", TokenizeParams)
     checkpoint = load_section(args.params, "model", ModelParams).checkpoint
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Every intermediate dataset is an Arrow file in this scratch folder, memory-mapped, never all in memory.
-    with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.", suffix=".scratch", dir=args.out.parent) as scratch:
-        splits, label_names, unlabeled = open_prepared(args.data, Path(scratch))
+    # A killed run's scratch folder is swept here, at the next start.
+    with temp_sibling_dir(args.out, ".scratch") as scratch:
+        splits, label_names, unlabeled = open_prepared(args.data, scratch)
         pretraining = [splits["train"]] + ([unlabeled] if len(unlabeled) else [])
         if checkpoint is None:
             tokenizer = train_wordpiece(
@@ -87,9 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer.save_pretrained(tmp)
         with atomic_dir(args.blocks) as tmp:
             save_datasets(blocks, tmp)
+            copy_lineage(args.data, tmp)
         with atomic_dir(args.out) as tmp:
             save_datasets(tokenized, tmp)
             (tmp / "labels.json").write_text(json.dumps(label_names, indent=2) + "\n", encoding="utf-8")
+            copy_lineage(args.data, tmp)
         summary = {
             "vocab_size": len(tokenizer),
             "pretraining_tokens": len(blocks["mlm_train"]) * params.block_size,
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
         }
     print(f"tokenize: {summary}")
     return summary
+
+
+def copy_lineage(prepared: Path, out: Path) -> None:
+    """prepare's sources.json travels with the data, so the training stages tag their MLflow runs with it."""
+    if (prepared / "sources.json").is_file():
+        shutil.copy2(prepared / "sources.json", out / "sources.json")
 
 
 if __name__ == "__main__":

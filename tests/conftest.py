@@ -48,6 +48,8 @@ def tiny_csv(tmp_path: Path) -> Path:
 def tiny_params(tmp_path: Path, **overrides: dict) -> Path:
     """The tiny profile with per-section overrides, written to tmp_path/params.yaml."""
     params = yaml.safe_load(TINY_PARAMS.read_text())
+    for key in ("source", "unlabeled_source"):  # the repository's data, wherever the test runs from
+        params["prepare"][key] = str(REPO / params["prepare"][key])
     for section, values in overrides.items():
         params[section].update(values)
     out = tmp_path / "params.yaml"
@@ -77,8 +79,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def copy_repo(dest: Path) -> Path:
     """The tracked pipeline files copied into dest (for tests that run the real dvc)."""
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src"):
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", "data/sources", "data/unlabeled"):
         src = REPO / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
@@ -117,6 +120,7 @@ def committed_tiny_repo(root: Path) -> dict[str, str]:
         ["git", "config", "user.email", "test@example.com"],
         ["git", "config", "user.name", "test"],
         [sys.executable, "-m", "dvc", "init", "-q"],
+        ["cp", str(REPO / ".dvcignore"), ".dvcignore"],
         ["git", "add", "-A"],
         ["git", "commit", "-qm", "pipeline"],
     ):

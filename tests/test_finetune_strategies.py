@@ -67,10 +67,12 @@ def train_set(counts: dict[int, int]) -> datasets.Dataset:
 
 def test_labels_per_class_is_a_stratified_seeded_subsample() -> None:
     ds = train_set({0: 10, 1: 4, 2: 7})
-    small = subsample_per_class(ds, 5, seed=1)
-    assert Counter(small["labels"]) == {0: 5, 1: 4, 2: 5}
-    assert subsample_per_class(ds, 5, seed=1)["input_ids"] == small["input_ids"]
-    assert subsample_per_class(ds, 5, seed=2)["input_ids"] != small["input_ids"]
+    small = subsample_per_class(ds, 4, seed=1)
+    assert Counter(small["labels"]) == {0: 4, 1: 4, 2: 4}
+    assert subsample_per_class(ds, 4, seed=1)["input_ids"] == small["input_ids"]
+    assert subsample_per_class(ds, 4, seed=2)["input_ids"] != small["input_ids"]
+    with pytest.raises(UserError, match=r"labels_per_class: 5 is more than .* \(class 1: 4 examples\)"):
+        subsample_per_class(ds, 5, seed=1)
     assert subsample_per_class(ds, "all", seed=1) is ds
     with pytest.raises(UserError, match="labels_per_class=0"):
         subsample_per_class(ds, 0, seed=1)

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from stages import finetune, prepare, pretrain, tokenize
 from tests.conftest import REPO, tiny_params
+from transferpipe.sources import sha256_of
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 
@@ -80,6 +81,7 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
         "unlabeled.parquet",
         "class_counts.json",
         "labels.json",
+        "sources.json",
     }
     assert json.loads((d / "data/prepared/labels.json").read_text()) == sorted(LABELS)
     blocks = files_in(d / "data/blocks")
@@ -191,6 +193,11 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
         "scratch",
     )
     assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
+    # Each training run names the data it learned from: the source's path and content hash.
+    source = json.loads((pipeline_dir / "metrics/data.json").read_text())["sources"]["source"]
+    for run in (pre, fine, scratch):
+        assert run.data.tags["transferpipe.source.sha256"] == source["sha256"] == sha256_of(Path(source["path"]))
+        assert "transferpipe.unlabeled_source.sha256" in run.data.tags
     assert "transferpipe.pretrain_run_id" not in scratch.data.tags
     # Only the pretrained variant is registered; the scratch baseline is logged, not a registry candidate.
     assert json.loads((pipeline_dir / "models/finetuned/pretrained/training_run.json").read_text()) == {
@@ -304,8 +311,10 @@ def test_failing_finetune_leaves_its_run_failed_and_no_output(
     tmp_path: Path, pipeline_dir: Path, mlflow_uri: str
 ) -> None:
     (tmp_path / "bad").mkdir()
-    params = str(tiny_params(tmp_path / "bad", finetune={"freeze_layers": 99}))
     d = pipeline_dir
+    # With a checkpoint named, the params check leaves layer counts to the model: the failure comes in training.
+    model = {"checkpoint": str(d / "models/pretrained")}
+    params = str(tiny_params(tmp_path / "bad", finetune={"freeze_layers": 99}, model=model))
     with pytest.raises(Exception, match="freeze_layers=99"):
         finetune.main(
             [

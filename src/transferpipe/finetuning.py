@@ -21,21 +21,29 @@ from transferpipe.tracking import Run
 from transferpipe.training import FitResult, fit, make_optimizer, train_loader
 
 
-def per_class_indices(labels: Sequence[int], labels_per_class: int | str, seed: int) -> list[int]:
-    """Sorted indices of at most labels_per_class examples of each class, drawn with a seeded generator
-    ("all": every index). The fine-tuned models and the evaluate stage's baseline draw the same ones."""
+def per_class_indices(
+    labels: Sequence[int], labels_per_class: int | str, seed: int, names: Sequence[str] | None = None
+) -> list[int]:
+    """Sorted indices of labels_per_class examples of each class, drawn with a seeded generator ("all": every
+    index). The fine-tuned models and the evaluate stage's baseline draw the same ones. Every class must have
+    that many: fewer would quietly make the subsample imbalanced. `names` (label id -> name) name the class
+    that has too few."""
     if labels_per_class == "all":
         return list(range(len(labels)))
     if labels_per_class < 1:
         raise UserError(f"params finetune.labels_per_class={labels_per_class} must be at least 1 or 'all'")
     labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) and labels_per_class > counts.min():
+        smallest = classes[counts.argmin()]
+        smallest = repr(names[smallest]) if names is not None else smallest
+        raise UserError(
+            f"params finetune.labels_per_class: {labels_per_class} is more than the smallest class of the training "
+            f"split has (class {smallest}: {counts.min()} examples); use at most {counts.min()} or 'all'"
+        )
     rng = np.random.default_rng(seed)
     keep = [
-        i
-        for label in np.unique(labels)
-        for i in rng.choice(
-            np.flatnonzero(labels == label), min(labels_per_class, int((labels == label).sum())), replace=False
-        )
+        i for label in classes for i in rng.choice(np.flatnonzero(labels == label), labels_per_class, replace=False)
     ]
     return sorted(int(i) for i in keep)
 

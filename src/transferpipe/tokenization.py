@@ -41,6 +41,17 @@ def train_wordpiece(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer starts from every character of the text, word-initial and ##-continued, and keeps them all
+    # even past vocab_size: a vocab_size they and the special tokens fill learns no subword at all.
+    alphabet = [token for token in tok.get_vocab() if len(token.removeprefix("##")) == 1]
+    taken = len(alphabet) + len(SPECIAL_TOKENS)
+    if vocab_size <= taken:
+        characters = len({token.removeprefix("##") for token in alphabet})
+        raise UserError(
+            f"params tokenize.vocab_size: {vocab_size} is below what the text needs: its {characters} distinct "
+            f"characters ({len(alphabet)} tokens, word-initial and ##-continued) and {len(SPECIAL_TOKENS)} special "
+            f"tokens already take {taken} entries; use at least {taken + 1}"
+        )
     renumber_wordpiece(tok)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(

@@ -318,6 +318,16 @@ def _create_experiment(name: str, location: str | None) -> None:
             raise
 
 
+def lineage_tags(folder: Path) -> dict[str, str]:
+    """Tags naming the data a run trained on: the sources.json that prepare writes and tokenize copies into
+    its outputs (path, content hash, package version or hub revision of each source)."""
+    path = Path(folder) / "sources.json"
+    if not path.is_file():
+        return {}
+    sources = json.loads(path.read_text(encoding="utf-8"))
+    return {f"transferpipe.{name}.{key}": str(value) for name, info in sources.items() for key, value in info.items()}
+
+
 @contextlib.contextmanager
 def start_run(
     stage: str,
