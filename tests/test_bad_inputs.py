@@ -11,8 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import prepare as prepare_stage
-from stages import tokenize as tokenize_stage
 from tests.conftest import REPO, TINY_PARAMS, make_corpus, tiny_params
 
 
@@ -99,6 +97,34 @@ def unsupported_suffix(tmp: Path) -> Path:
     return tiny_params(tmp, prepare={"source": str(path)})
 
 
+def text_column_of_lists(tmp: Path) -> Path:
+    path = tmp / "d.parquet"
+    pd.DataFrame({"text": [["a", "list"], ["of", "words"]] * 30, "label": ["a", "b"] * 30}).to_parquet(path)
+    return tiny_params(tmp, prepare={"source": str(path)})
+
+
+def hub_without_revision(tmp: Path) -> Path:
+    (tmp / "ag_news.yaml").write_text("hf: ag_news\n", encoding="utf-8")
+    return tiny_params(tmp, prepare={"source": str(tmp / "ag_news.yaml")})
+
+
+def old_builtin_name(tmp: Path) -> Path:
+    return tiny_params(tmp, prepare={"source": "bbc_news"})
+
+
+def txt_as_labeled_source(tmp: Path) -> Path:
+    (tmp / "d.txt").write_text("one document\nanother\n", encoding="utf-8")
+    return tiny_params(tmp, prepare={"source": str(tmp / "d.txt")})
+
+
+def unlabeled_source_missing(tmp: Path) -> Path:
+    return tiny_params(tmp, prepare={"unlabeled_source": str(tmp / "more.txt")})
+
+
+def later_stage_param(tmp: Path) -> Path:
+    return tiny_params(tmp, finetune={"encoder_learning_rate": -5.0e-4})
+
+
 PREPARE_MISTAKES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "unknown_key": (unknown_key, ("prepare.sorce", "unknown key")),
     "wrong_type": (wrong_type, ("prepare.seed", "integer")),
@@ -109,7 +135,13 @@ PREPARE_MISTAKES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "all_texts_blank": (all_texts_blank, ("no non-empty texts",)),
     "class_too_small": (class_too_small, ("'rare'", "only 2 examples")),
     "not_utf8": (not_utf8, ("not valid UTF-8",)),
-    "unsupported_suffix": (unsupported_suffix, ("unsupported", ".csv")),
+    "unsupported_suffix": (unsupported_suffix, ("d.tsv", "is not a .csv, .jsonl or .parquet file")),
+    "text_column_of_lists": (text_column_of_lists, ("column 'text' holds lists", "prepare.text_column")),
+    "hub_without_revision": (hub_without_revision, ("ag_news", "revision")),
+    "old_builtin_name": (old_builtin_name, ("bbc_news not found", "data/sources/bbc_news.yaml")),
+    "txt_as_labeled_source": (txt_as_labeled_source, ("d.txt", "no labels", "prepare.unlabeled_source")),
+    "unlabeled_source_missing": (unlabeled_source_missing, ("more.txt", "not found")),
+    "later_stage_param": (later_stage_param, ("finetune.encoder_learning_rate", "-0.0005", "> 0")),
 }
 
 
@@ -152,38 +184,18 @@ def test_tokenize_without_prepared_data_says_run_prepare(tmp_path: Path) -> None
     assert_nothing_written(work)
 
 
-def test_pretrain_with_heads_not_dividing_hidden_size(tmp_path: Path, tiny_csv: Path) -> None:
+def test_a_model_size_mistake_fails_the_first_stage_not_pretrain(tmp_path: Path, tiny_csv: Path) -> None:
+    """Heads that do not divide the width would crash inside pretrain; prepare, the first stage, refuses it."""
     params = tiny_params(
         tmp_path,
         prepare={"source": str(tiny_csv)},
         model={"hidden_size": 30, "num_attention_heads": 4},
         tracking={"enabled": False},
     )
-    data, models = tmp_path / "data", tmp_path / "models"
-    prepare_stage.main(flags(params=params, out=data / "prepared", stats=tmp_path / "data.json"))
-    tokenize_stage.main(
-        flags(
-            params=params,
-            data=data / "prepared",
-            tokenizer=models / "tokenizer",
-            blocks=data / "blocks",
-            out=data / "tokenized",
-        )
-    )
-    result = run_stage(
-        "pretrain",
-        params=params,
-        data=data / "blocks",
-        tokenizer=models / "tokenizer",
-        out=models / "pretrained",
-        scratch=models / "scratch",
-        metrics=tmp_path / "metrics" / "pretrain.json",
-        plots=tmp_path / "plots" / "pretrain",
-    )
+    work = tmp_path / "work"
+    result = run_stage("prepare", params=params, out=work / "prepared", stats=work / "data.json")
     assert_user_error(result, "model.hidden_size", "model.num_attention_heads")
-    assert sorted(p.name for p in models.iterdir()) == ["tokenizer"]  # no pretrained folder, no temp sibling
-    assert not (tmp_path / "metrics").exists()
-    assert not (tmp_path / "plots").exists()
+    assert_nothing_written(work)
 
 
 def test_evaluate_refuses_models_with_the_same_name_before_reading_anything(tmp_path: Path) -> None:
