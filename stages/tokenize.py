@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         pretraining = [splits["train"]] + ([unlabeled] if len(unlabeled) else [])
         if checkpoint is None:
             tokenizer = train_wordpiece(
-                text_batches(pretraining), params.vocab_size, params.min_frequency, params.lowercase
+                lambda: text_batches(pretraining), params.vocab_size, params.min_frequency, params.lowercase
             )
         else:
             tokenizer = load_tokenizer(checkpoint)

@@ -67,7 +67,7 @@ def test_sections_load_with_their_types(tmp_path: Path) -> None:
     assert load_section(path, "finetune", FinetuneParams).freeze_embeddings is False
     assert load_section(path, "evaluate", EvaluateParams).baseline_C == 10.0
     assert load_section(path, "tracking", TrackingParams).experiment_name == "transferpipe-test"
-    assert load_section(path, "prepare", PrepareParams).unlabeled_source == "data/unlabeled"
+    assert load_section(path, "prepare", PrepareParams).unlabeled_source == str(REPO / "data/unlabeled")
 
 
 def test_params_are_frozen(tmp_path: Path) -> None:

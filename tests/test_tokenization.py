@@ -18,7 +18,7 @@ from transferpipe.tokenization import (
     SPECIAL_TOKENS,
     load_tokenizer,
     pack_blocks,
-    renumber_wordpiece,
+    renumbered,
     text_batches,
     tokenize_for_classification,
     train_wordpiece,
@@ -75,22 +75,67 @@ def test_renumbering_fixes_the_ids_and_keeps_the_trainers_split(texts: list[str]
     trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False)
     trained.train_from_iterator(texts, trainer)
-    renumbered = Tokenizer.from_str(trained.to_str())
-    renumber_wordpiece(renumbered)
+    vocab = renumbered(trained.get_vocab())
     tokens = sorted(trained.get_vocab(), key=trained.get_vocab().get)
     assert tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
-    assert sorted(renumbered.get_vocab(), key=renumbered.get_vocab().get) == [
-        *SPECIAL_TOKENS,
-        *sorted(tokens[len(SPECIAL_TOKENS) :]),
-    ]
+    assert sorted(vocab, key=vocab.get) == [*SPECIAL_TOKENS, *sorted(tokens[len(SPECIAL_TOKENS) :])]
+    again = Tokenizer.from_str(trained.to_str())
+    again.model = models.WordPiece(vocab, unk_token="[UNK]")
     for text in texts[:50]:
-        assert renumbered.encode(text).tokens == trained.encode(text).tokens
+        assert again.encode(text).tokens == trained.encode(text).tokens
     # The same tokens numbered in another order (as another training run numbers them) get the same ids.
-    reordered = Tokenizer.from_str(trained.to_str())
-    reversed_ids = {token: len(tokens) - 1 - i for i, token in enumerate(tokens)}
-    reordered.model = models.WordPiece(reversed_ids, unk_token="[UNK]")
-    renumber_wordpiece(reordered)
-    assert reordered.get_vocab() == renumbered.get_vocab()
+    assert renumbered(reversed(tokens)) == vocab
+
+
+# The trainer's own tie-break, made deterministic: one vocabulary from one text, in every process.
+# Upstream's reproducer (huggingface/tokenizers#1794): on this text the bare trainer learns two vocabularies.
+REPRODUCER = ["Wel come to the \U0001f917 Tok en izers libr ary."]
+TRAIN_IN_A_LOOP = """
+import hashlib, json, sys
+from transferpipe.tokenization import train_wordpiece
+texts = json.loads(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    tok = train_wordpiece(texts, vocab_size=int(sys.argv[3]), min_frequency=1, lowercase=True)
+    print(hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize(("corpus", "vocab_size"), [("reproducer", 30000), ("tiny", VOCAB_SIZE)])
+def test_training_on_the_same_text_gives_one_tokenizer_in_every_process(
+    texts: list[str], corpus: str, vocab_size: int
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = json.dumps(REPRODUCER if corpus == "reproducer" else texts)
+    digests = []
+    for seed in ("0", "1", "2"):  # each process its own hash seeds (Rust's and Python's)
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run(
+            [sys.executable, "-c", TRAIN_IN_A_LOOP, data, "10", str(vocab_size)],
+            env=env, capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        digests += proc.stdout.split()
+    assert len(digests) == 30
+    assert len(set(digests)) == 1  # the whole tokenizer.json: tokens, ids, normalizer, specials
+
+
+def test_the_reproducers_text_still_splits_as_the_trainer_learned_it() -> None:
+    tok = train_wordpiece(REPRODUCER, vocab_size=30000, min_frequency=1, lowercase=False)
+    pieces = tok.tokenize("Tokenizers")
+    assert "".join(p.removeprefix("##") for p in pieces) == "Tokenizers" and pieces[0] == "Tok"
+
+
+def test_one_shot_iterators_are_refused_and_factories_are_read_twice(texts: list[str]) -> None:
+    batches = [texts[i : i + 10] for i in range(0, len(texts), 10)]
+    with pytest.raises(TypeError, match="reads its texts twice"):
+        train_wordpiece(iter(batches), vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    from_list = train_wordpiece(batches, vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    from_factory = train_wordpiece(lambda: iter(batches), vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    assert from_list.backend_tokenizer.to_str() == from_factory.backend_tokenizer.to_str()
+    assert len(from_list) == VOCAB_SIZE
 
 
 def test_save_and_reload_gives_identical_ids(
@@ -210,9 +255,10 @@ def test_a_prepared_corpus_streams_through_memory_mapped_files(tmp_path: Path, t
     assert ds.cache_files and all(Path(f["filename"]).parent == scratch for f in ds.cache_files)
     batches = list(text_batches([ds], batch_size=1000))
     assert [len(b) for b in batches] == [1000] * (len(ds) // 1000) + ([len(ds) % 1000] if len(ds) % 1000 else [])
-    # Trained from batches of the Arrow file. (The vocabulary itself is not compared with one trained from a
-    # list: the WordPiece trainer breaks ties between equal counts differently from run to run.)
-    tokenizer = train_wordpiece(text_batches([ds]), vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    # Trained from batches of the Arrow file: the very tokenizer a list of the same texts gives.
+    tokenizer = train_wordpiece(lambda: text_batches([ds]), vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    from_list = train_wordpiece(texts * 30, vocab_size=VOCAB_SIZE, min_frequency=1, lowercase=True)
+    assert tokenizer.backend_tokenizer.to_str() == from_list.backend_tokenizer.to_str()
     assert 50 < len(tokenizer) <= VOCAB_SIZE
     assert tokenizer.unk_token_id not in tokenizer("Bank shares rose in the market")["input_ids"]
     blocks = pack_blocks(tokenizer, ds, 16)

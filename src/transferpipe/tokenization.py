@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -25,34 +25,42 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(
-    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int, lowercase: bool
+    texts: Callable[[], Iterable[str] | Iterable[list[str]]] | Sequence[str] | Sequence[list[str]],
+    vocab_size: int,
+    min_frequency: int,
+    lowercase: bool,
 ) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer trained with the `tokenizers` library (Rust, batched).
+    """A BERT-style WordPiece tokenizer trained with the `tokenizers` library (Rust, batched), deterministically:
+    the same text gives the same vocabulary and ids, bit for bit, in every process and on every machine.
 
-    `texts` may be an iterator of batches (text_batches): the trainer keeps word counts, never the corpus.
-    Its ids are renumbered (renumber_wordpiece), so that retraining on the same text gives the same ids
-    whenever the trainer learned the same tokens: on the default data, 30 of 35 trainings measured; the
-    others differed in 4 tokens at the vocabulary's cutoff, where merges tie in frequency.
+    `texts` is read twice: a sequence (of texts or of batches), or a function returning a fresh iterator of them
+    (text_batches over datasets): the trainer keeps word counts, never the corpus.
+
+    The trainer (BPE's, which WordPiece training uses) gives a token an id when it first meets it; the
+    continuing-subword tokens (`##e`) it meets while walking its word counts, a hash map whose order changes from
+    process to process. Equal pair counts are broken by those ids, so a tie could pick another merge and the
+    vocabulary differed in about 1 training of 8 (huggingface/tokenizers#1794). Here a first pass with no
+    merges finds the `##` characters; the real pass gets them up front, sorted, as the ids it starts from.
     """
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
+    if not callable(texts):
+        if iter(texts) is texts:
+            raise TypeError("train_wordpiece reads its texts twice: pass a sequence or a function making an iterator")
+        texts = (lambda corpus: lambda: corpus)(texts)
+    alphabet = _train_vocab(texts(), 1, min_frequency, lowercase, SPECIAL_TOKENS)  # no merges: characters only
+    continuing = sorted(token for token in alphabet if token.startswith("##") and len(token) == 3)
+    vocab = _train_vocab(texts(), vocab_size, min_frequency, lowercase, SPECIAL_TOKENS + continuing)
     # The trainer starts from every character of the text, word-initial and ##-continued, and keeps them all
     # even past vocab_size: a vocab_size they and the special tokens fill learns no subword at all.
-    alphabet = [token for token in tok.get_vocab() if len(token.removeprefix("##")) == 1]
-    taken = len(alphabet) + len(SPECIAL_TOKENS)
+    taken = len(alphabet)
     if vocab_size <= taken:
-        characters = len({token.removeprefix("##") for token in alphabet})
+        characters = len({token.removeprefix("##") for token in alphabet} - set(SPECIAL_TOKENS))
         raise UserError(
             f"params tokenize.vocab_size: {vocab_size} is below what the text needs: its {characters} distinct "
-            f"characters ({len(alphabet)} tokens, word-initial and ##-continued) and {len(SPECIAL_TOKENS)} special "
-            f"tokens already take {taken} entries; use at least {taken + 1}"
+            f"characters ({taken - len(SPECIAL_TOKENS)} tokens, word-initial and ##-continued) and "
+            f"{len(SPECIAL_TOKENS)} special tokens already take {taken} entries; use at least {taken + 1}"
         )
-    renumber_wordpiece(tok)
+    tok = _wordpiece(renumbered(vocab), lowercase)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -71,16 +79,31 @@ def train_wordpiece(
     )
 
 
-def renumber_wordpiece(tok: Tokenizer) -> None:
-    """Give a trained WordPiece vocabulary fixed ids: the special tokens first, then the others sorted.
+def _wordpiece(vocab: dict[str, int] | None, lowercase: bool) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
 
-    The trainer numbers its tokens in hash-map order, different on every run even when it learned the very
-    same tokens, and the ids decide which embedding row each token gets. WordPiece splits a word by longest
-    match in the vocabulary, which the numbering does not touch.
-    """
-    learned = sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *learned])}
-    tok.model = models.WordPiece(vocab, unk_token="[UNK]")
+
+def _train_vocab(
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int, lowercase: bool, first: list[str]
+) -> set[str]:
+    """The tokens WordPieceTrainer learns, with `first` given the first ids (as special tokens, which the
+    trainer numbers before anything else)."""
+    tok = _wordpiece(None, lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=first, show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return set(tok.get_vocab(with_added_tokens=False))
+
+
+def renumbered(tokens: Iterable[str]) -> dict[str, int]:
+    """Fixed ids for a WordPiece vocabulary: the special tokens first, then the others sorted. WordPiece
+    splits a word by longest match in the vocabulary, which the numbering does not touch."""
+    learned = sorted(set(tokens) - set(SPECIAL_TOKENS))
+    return {token: i for i, token in enumerate([*SPECIAL_TOKENS, *learned])}
 
 
 def save_datasets(splits: datasets.DatasetDict, folder: Path) -> None:
