@@ -300,3 +300,44 @@ def test_tokenize_stage_with_unlabeled_text_and_num_proc(tmp_path: Path, tiny_cs
     train_tokens = sum(len(ids) for ids in reference["train"]["input_ids"])
     assert first["pretraining_tokens"] > train_tokens + 200 * 16
     assert not list(tmp_path.glob(".t*.scratch"))  # the scratch folder is gone
+
+
+@pytest.mark.slow
+def test_a_classification_window_param_leaves_the_tokenizer_and_blocks_so_pretraining_does_not_rerun(
+    tmp_path: Path,
+) -> None:
+    """`-S tokenize.max_windows=1` (or max_length) changes the classification inputs only: tokenize reruns and
+    writes the very same tokenizer and blocks, byte for byte, so the real dvc skips pretraining."""
+    import hashlib
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import committed_tiny_repo
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    env = committed_tiny_repo(root)
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def digests() -> dict[str, str]:
+        files = sorted(p for folder in ("models/tokenizer", "data/blocks") for p in (root / folder).rglob("*"))
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+    dvc("repro", "pretrain")
+    before = digests()
+    for key, value in (("max_windows", 1), ("max_length", 24)):
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["tokenize"][key] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        ran = dvc("repro", "pretrain")
+        assert "Running stage 'tokenize'" in ran, key  # the new tokenize process trains its tokenizer again
+        assert "Running stage 'pretrain'" not in ran and "Stage 'pretrain' didn't change" in ran, key
+        assert digests() == before, key
