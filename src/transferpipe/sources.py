@@ -338,7 +338,7 @@ def check_texts(values: list[Any], source: str, column: str) -> list[str | None]
             out.append(None)
         else:
             bad = sum(1 for v in values if not isinstance(v, str) and not is_missing(v))
-            example = json.dumps(value, default=str)[:60]
+            example = json.dumps(value.tolist() if hasattr(value, "tolist") else value, default=str)[:60]
             raise UserError(
                 f"{source}: column {column!r} holds {describe(value)} (e.g. {example}; {bad} of {len(values)} "
                 f"rows read), not text; set prepare.text_column to a column of strings"
