@@ -15,7 +15,7 @@ Run:     python -m stages.pretrain --params params.yaml --data data/blocks --tok
 Resume:  every pretrain.checkpoint_every steps a checkpoint goes to .scratch/checkpoints/ (untracked); a rerun
          after a kill continues from it, in the same MLflow run (transferpipe.checkpoint)
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
-         writes the outputs and the one MLflow run (README: Multi-GPU and multi-node)
+         writes the outputs and the one MLflow run (docs/gpu.md: Multi-GPU and multi-node)
 """
 
 from __future__ import annotations
