@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -31,12 +30,11 @@ import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
 from transferpipe.errors import UserError
-from transferpipe.params import PrepareParams
-from transferpipe.sources import describe, is_missing, iter_unlabeled, lineage, read_labeled
+from transferpipe.params import NUMBER, PrepareParams
+from transferpipe.sources import batched, describe, is_missing, iter_unlabeled, lineage, read_labeled
 
 SPLITS = ("train", "validation", "test")
 MISSING_LABELS = {"", "na", "n/a", "nan", "null", "none"}  # compared case-insensitively
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ def normalize_label(value: Any) -> str | None:
     text = normalize_text(str(value))
     if text.lower() in MISSING_LABELS:
         return None
-    if _NUMBER.match(text):
+    if NUMBER.match(text):
         try:
             number = Decimal(text)
         except InvalidOperation:
@@ -159,7 +157,7 @@ def prepare(params: PrepareParams, out_dir: Path) -> PreparedData:
     seen.add(df["text"])
     batches: list[Iterable[list[str | None]]] = []
     if params.pretrain_on_unlabeled_rows:
-        batches.append(_batched(unlabeled_rows))
+        batches.append(batched(unlabeled_rows))
     batches.append(iter_unlabeled(params.unlabeled_source, params.text_column, params.hf_split))
     n_unlabeled = write_texts(out_dir / "unlabeled.parquet", (b for it in batches for b in it), seen)
 
@@ -188,11 +186,6 @@ def _warn_about_case(labels: pd.Series) -> None:
             "(make them one in the data if they mean the same)",
             file=sys.stderr,
         )
-
-
-def _batched(texts: list[str], size: int = 10_000) -> Iterator[list[str | None]]:
-    for start in range(0, len(texts), size):
-        yield list(texts[start : start + size])
 
 
 class HashSet:

@@ -22,7 +22,8 @@ from transferpipe.errors import UserError
 
 T = TypeVar("T")
 
-_FLOATISH = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# A decimal number as written in text (1, -2.5, 1e-3): params that YAML read as strings, labels compared by value
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UserError(f"params {key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str) and _FLOATISH.match(value.strip()):
+        if isinstance(value, str) and NUMBER.match(value.strip()):
             raise UserError(
                 f"params {key}: {value!r} was read as a string (YAML needs a dot in exponent floats); "
                 f"write it as {_with_dot(value)}"

@@ -9,14 +9,16 @@ memory); unlabeled sources stream in batches, so a corpus larger than memory pas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import pandas as pd
@@ -29,6 +31,7 @@ from transferpipe.errors import UserError
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT_SUFFIXES = (".txt", *TABLE_SUFFIXES)
 BATCH_ROWS = 10_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,7 @@ def iter_unlabeled(source: str, text_column: str, hf_split: str) -> Iterator[lis
     else:
         df = _read_whole(path, hf_split)
         _require_columns(df.columns, [text_column], source)
-        texts = check_texts(df[text_column].tolist(), source, text_column)
-        for start in range(0, len(texts), BATCH_ROWS):
-            yield texts[start : start + BATCH_ROWS]
+        yield from batched(check_texts(df[text_column].tolist(), source, text_column))
 
 
 def _read_whole(path: Path, hf_split: str) -> pd.DataFrame:
@@ -233,34 +234,28 @@ def _table_batches(path: Path, column: str) -> Iterator[list[Any]]:
 
 def _txt_batches(path: Path) -> Iterator[list[str]]:
     with _readable(path), open(path, encoding="utf-8-sig") as f:
-        batch: list[str] = []
-        for line in f:
-            batch.append(line)
-            if len(batch) == BATCH_ROWS:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from batched(f)
 
 
-class _readable:
+def batched(items: Iterable[T]) -> Iterator[list[T]]:
+    """Lists of at most BATCH_ROWS consecutive items: the unit unlabeled text streams in."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, BATCH_ROWS)):
+        yield batch
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
     """Turns a decoding or parsing failure while reading `path` into one line naming the file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, UnicodeDecodeError):
-            raise UserError(
-                f"{self.path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
-            ) from None
-        if isinstance(exc, ValueError | pa.ArrowException) and not isinstance(exc, UserError):
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"{self.path} could not be read as {self.path.suffix[1:]}: {first}") from None
-        return False
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
+        ) from None
+    except (ValueError, pa.ArrowException) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} could not be read as {path.suffix[1:]}: {first}") from None
 
 
 def _is_datasets_folder(path: Path) -> bool:
