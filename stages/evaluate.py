@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification
-
 from transferpipe.data import read_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
 from transferpipe.finetuning import per_class_indices
 from transferpipe.io import atomic_dir, read_json, write_json
-from transferpipe.modeling import pick_device
+from transferpipe.modeling import load_classifier, pick_device
 from transferpipe.params import (
     EvaluateParams,
     FinetuneParams,
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device()
     predictions = {}
     for folder in args.models:
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        model = load_classifier(folder)
         # A document: the mean logits of its windows, exactly as the registered model's predict scores it.
         predicted = predict_texts(
             model,

@@ -38,7 +38,7 @@ from transferpipe.modeling import (
     sequence_classifier,
 )
 from transferpipe.params import ModelParams, PretrainParams
-from transferpipe.pretraining import lm_collator, mlm_loss
+from transferpipe.pretraining import NextTokenLM, held_out_batches, held_out_loss, objective
 from transferpipe.tokenization import pack_blocks, train_wordpiece
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
@@ -101,18 +101,19 @@ def test_lm_forward_shapes_and_shifted_loss(lm: LSTMForCausalLM, tokenizer: PreT
 def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
     """A repeated sentence is predictable only from context ("the" precedes three different words)."""
     texts = ["The bank said shares rose in the market and the team won the cup."] * 20
-    blocks = pack_blocks(tokenizer, texts, block_size=16).with_format("torch")
-    collator = lm_collator(lm, tokenizer, PretrainParams())
-    batch = collator([blocks[i] for i in range(16)])
-    assert torch.equal(batch["labels"], batch["input_ids"])  # the model shifts; no masks
+    blocks = pack_blocks(tokenizer, texts, block_size=16)
+    objective_ = objective(lm, tokenizer, PretrainParams())
+    assert isinstance(objective_, NextTokenLM)  # the model shifts the inputs; no masks
+    batches = held_out_batches(blocks.select(range(16)), objective_, batch_size=16, seed=0)
+    assert list(batches[0]) == ["input_ids"]
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
-    before = mlm_loss(lm, [batch], torch.device("cpu"), causal=True)["loss"]
+    before = held_out_loss(objective_, batches, torch.device("cpu"))["loss"]
     lm.train()
     for _ in range(30):
-        lm(**batch).loss.backward()
+        objective_(**batches[0]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = mlm_loss(lm.eval(), [batch], torch.device("cpu"), causal=True)["loss"]
+    after = held_out_loss(objective_.eval(), batches, torch.device("cpu"))["loss"]
     assert after < before / 3, (before, after)  # unigram statistics alone stop near 2.9
 
 
@@ -121,10 +122,10 @@ def test_held_out_loss_averages_over_next_token_predictions(
 ) -> None:
     """Batches of different sizes are weighted by their predicted tokens: seq_len - 1 per block."""
     ids = torch.randint(5, len(tokenizer), (5, 12))
-    a, b = {"input_ids": ids[:1], "labels": ids[:1]}, {"input_ids": ids[1:], "labels": ids[1:]}
     with torch.no_grad():
         whole = lm(input_ids=ids, labels=ids).loss.item()
-    assert mlm_loss(lm, [a, b], torch.device("cpu"), causal=True)["loss"] == pytest.approx(whole, rel=1e-5)
+    split = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    assert held_out_loss(NextTokenLM(lm), split, torch.device("cpu"))["loss"] == pytest.approx(whole, rel=1e-5)
 
 
 def test_save_and_load_through_the_auto_classes(lm: LSTMForCausalLM, lm_dir: Path) -> None:

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, ModernBertConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AttentionInterface,
+    BertConfig,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tests.conftest import make_corpus
 from transferpipe.errors import UserError
 from transferpipe.modeling import (
+    PADDING_SAFE,
     encoder_layers,
     encoder_of,
     freeze,
+    load_classifier,
     new_encoder_config,
+    padding_safe,
+    padding_safe_sdpa_mask,
     param_groups,
     pretraining_model,
     sequence_classifier,
@@ -173,3 +186,80 @@ def test_param_groups(classifier: PreTrainedModel) -> None:
             seen["encoder" if in_encoder else "head"] = True
             seen["no_decay" if no_decay else "decay"] = True
     assert all(seen.values()), seen
+
+
+def strict_attention(module, query, key, value, attention_mask, scaling, **kwargs):  # noqa: ANN001, ANN201
+    """Attention that returns NaN for a query row with no key to attend to, as the fused CUDA kernels do
+    (pytorch/pytorch#103749); PyTorch's CPU kernels return zeros there instead, which would hide the case."""
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, -math.inf)
+    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("strict", strict_attention)
+AttentionMaskInterface.register("strict", sdpa_mask)
+AttentionInterface.register("strict_padding_safe", strict_attention)
+AttentionMaskInterface.register("strict_padding_safe", padding_safe_sdpa_mask)
+
+
+def padded_window_batch(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Two short texts padded next to a long one: far from their text, padded positions see no real key inside
+    a sliding window."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, model.config.vocab_size, (3, 96), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 6:] = 0
+    attention_mask[1, 20:] = 0
+    input_ids[attention_mask == 0] = model.config.pad_token_id
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0])}
+
+
+def sliding_window_classifier(attention: str) -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = ModernBertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, local_attention=16, global_attn_every_n_layers=3, num_labels=2,
+        pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = padding_safe(ModernBertForSequenceClassification(config))
+    if attention != PADDING_SAFE:
+        model.set_attn_implementation(attention)
+    return model
+
+
+def logits_and_grads_finite(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[bool, bool]:
+    out = model(**batch)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.isfinite(out.logits).all()), all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_heavily_padded_sliding_window_batches_give_finite_logits_and_gradients() -> None:
+    """The fine-tuning NaN seen on a GPU: with the plain mask, a kernel that gives NaN for fully masked rows
+    makes the logits NaN; with padding_safe_sdpa_mask, logits and gradients stay finite, and on real tokens the
+    model computes exactly what plain SDPA does."""
+    model = sliding_window_classifier("strict")
+    assert logits_and_grads_finite(model, padded_window_batch(model)) == (False, False)  # the hazard is real
+
+    model = sliding_window_classifier("strict_padding_safe")
+    assert logits_and_grads_finite(model, padded_window_batch(model)) == (True, True)
+
+    safe = sliding_window_classifier(PADDING_SAFE)
+    assert safe.config._attn_implementation == PADDING_SAFE  # what every model of ours gets
+    assert logits_and_grads_finite(safe, padded_window_batch(safe)) == (True, True)
+    plain = sliding_window_classifier("sdpa")
+    batch = padded_window_batch(plain)
+    with torch.no_grad():
+        real = batch["attention_mask"].bool()
+        hidden = {m: m.model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[real]
+                  for m in (safe, plain)}  # fmt: skip
+    torch.testing.assert_close(hidden[safe], hidden[plain])
+
+
+def test_saved_models_load_with_the_padding_safe_attention(tmp_path: Path) -> None:
+    model = sliding_window_classifier(PADDING_SAFE)
+    model.config.id2label, model.config.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}
+    model.save_pretrained(tmp_path)
+    assert "padding_safe" not in (tmp_path / "config.json").read_text()  # plain transformers loads it
+    assert load_classifier(tmp_path).config._attn_implementation == PADDING_SAFE

@@ -12,7 +12,16 @@ from torch.utils.data import DataLoader, default_collate
 
 from transferpipe.errors import UserError
 from transferpipe.tracking import Run
-from transferpipe.training import cpu_has_fast_bf16, fit, make_optimizer, seed_everything, train_loader, use_bf16
+from transferpipe.training import (
+    EarlyStopping,
+    LossMeter,
+    cpu_has_fast_bf16,
+    fit,
+    make_optimizer,
+    seed_everything,
+    train_loader,
+    use_bf16,
+)
 
 
 class Regressor(nn.Module):
@@ -74,7 +83,7 @@ def test_loss_falls_and_learning_rate_warms_up_then_decays() -> None:
 def test_early_stopping_restores_the_best_weights() -> None:
     seed_everything(0)
     model = Regressor()
-    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], monitor="score", patience=3)
+    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], stopping=EarlyStopping("score", patience=3))
     assert result.stopped_early and result.steps == 20  # evaluations 3, 4, 5 brought nothing better than 0.5
     assert result.best["score"] == 0.5 and result.best["step"] == 8
     for key, value in model.state_dict().items():
@@ -86,7 +95,7 @@ def test_a_lower_is_better_monitor_keeps_the_lowest() -> None:
     evaluations 2, 3 and 4 brought nothing lower."""
     seed_everything(0)
     model = Regressor()
-    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], monitor="score", higher_is_better=False, patience=3)
+    result, seen = run_fit(model, [0.1, 0.5, 0.3, 0.4, 0.2, 0.9], stopping=EarlyStopping("score", False, patience=3))
     assert result.stopped_early and result.steps == 16
     assert result.best["score"] == 0.1 and result.best["step"] == 4
     for key, value in model.state_dict().items():
@@ -96,6 +105,41 @@ def test_a_lower_is_better_monitor_keeps_the_lowest() -> None:
 def test_without_monitor_the_last_evaluation_is_kept() -> None:
     result, seen = run_fit(Regressor(), [0.3, 0.2])
     assert result.best["step"] == 8 and not result.stopped_early
+
+
+def test_early_stopping_keeps_the_best_row_and_weights_and_counts_patience() -> None:
+    model = nn.Linear(2, 1)
+    stopping = EarlyStopping("f1", patience=2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert not stopping.update({"step": 1, "f1": 0.5}, model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    assert not stopping.update({"step": 2, "f1": 0.4}, model)  # one without improvement
+    assert not stopping.update({"step": 3, "f1": 0.6}, model)  # better: the count starts again
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert not stopping.update({"step": 4, "f1": 0.6}, model)  # equal is not better
+    assert stopping.update({"step": 5, "f1": 0.1}, model)  # the second in a row: stop
+    assert stopping.best_row == {"step": 3, "f1": 0.6}
+    stopping.restore_best(model)
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0)) and stopping.best_state is None
+
+
+def test_early_stopping_without_a_monitor_keeps_the_last_row_and_never_stops() -> None:
+    stopping, model = EarlyStopping(), nn.Linear(2, 1)
+    assert not any(stopping.update({"step": s, "loss": 1.0}, model) for s in range(5))
+    assert stopping.best_row["step"] == 4 and stopping.best_state is None
+
+
+def test_the_loss_meter_counts_only_finite_steps_and_resets_its_window() -> None:
+    meter = LossMeter(torch.device("cpu"))
+    for loss, finite in [(1.0, True), (float("nan"), False), (3.0, True)]:
+        meter.add(torch.tensor(loss), torch.tensor(finite))
+    assert meter.window() == 2.0 and meter.skipped() == 1
+    meter.add(torch.tensor(float("inf")), torch.tensor(False))
+    assert math.isnan(meter.window()) and meter.skipped() == 2
+    assert LossMeter(torch.device("cpu"), meter.state()).skipped() == 2  # a checkpoint carries it
 
 
 def test_a_step_with_non_finite_gradients_is_skipped_and_counted() -> None:
@@ -140,10 +184,10 @@ def test_compiled_training_matches_eager_and_keeps_plain_state_dict_keys() -> No
     """torch.compile (inductor, on this CPU) trains the same numbers; best-weights restore and saving use the
     model itself, so its keys carry no `_orig_mod.` prefix."""
     seed_everything(0)
-    eager, _ = run_fit(Regressor(), [0.1, 0.5, 0.3], monitor="score")
+    eager, _ = run_fit(Regressor(), [0.1, 0.5, 0.3], stopping=EarlyStopping("score"))
     seed_everything(0)
     model = Regressor()
-    compiled, seen = run_fit(model, [0.1, 0.5, 0.3], monitor="score", torch_compile=True)
+    compiled, seen = run_fit(model, [0.1, 0.5, 0.3], stopping=EarlyStopping("score"), torch_compile=True)
     assert [r["loss"] for r in compiled.train_rows] == pytest.approx([r["loss"] for r in eager.train_rows], rel=1e-4)
     assert list(model.state_dict()) == ["linear.weight", "linear.bias"]
     assert compiled.best["step"] == 8 and torch.equal(model.linear.weight, seen[1]["linear.weight"])

@@ -3,9 +3,9 @@
 fit() saves everything its result depends on every `checkpoint_every` steps: the weights, optimizer and
 scheduler, every RNG (python, numpy, torch CPU and CUDA, one set per rank), the position in the data, the
 early-stopping state, the logged rows and counters, and the MLflow run id. A rerun of the stage (`dvc repro`
-after a kill) loads it and continues: on CPU with a fixed precision and `num_workers: 0` the weights it ends
-with are bit for bit those of an uninterrupted run. With DataLoader workers the MLM masks after a resume are
-drawn afresh (the workers' RNGs live in other processes), so the run continues but is not bit-identical.
+after a kill) loads it and continues: on CPU with a fixed precision the weights it ends with are bit for bit
+those of an uninterrupted run (DataLoader workers only stack token ids: the MLM masks are drawn in the
+training process, from the RNG the checkpoint holds).
 
 A stage's checkpoints live in `.scratch/checkpoints/<stage>-<key>/` at the repository root (ignored by git,
 never a DVC output), where the key hashes everything the stage's result depends on: its params sections, the

@@ -18,7 +18,7 @@ from transferpipe.evaluation import classification_metrics
 from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
 from transferpipe.params import FinetuneParams
 from transferpipe.tracking import Run
-from transferpipe.training import FitResult, fit, make_optimizer, train_loader
+from transferpipe.training import EarlyStopping, FitResult, fit, make_optimizer, train_loader
 
 
 def per_class_indices(
@@ -165,9 +165,7 @@ def finetune(
         evaluate=evaluate,
         run=run,
         device=device,
-        monitor=params.monitor,
-        higher_is_better=params.monitor != "loss",
-        patience=params.early_stopping_patience,
+        stopping=EarlyStopping(params.monitor, params.monitor != "loss", params.early_stopping_patience),
         compute_loss=compute_loss,
         on_epoch=gradual_unfreezing(model) if params.gradual_unfreezing else None,
         log_every=max(1, min(10, len(loader) // 2)),

@@ -24,12 +24,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import transferpipe.lstm  # noqa: F401  registers the LSTM with the Auto classes: no trust_remote_code needed
 from transferpipe.errors import UserError
 from transferpipe.finetuning import collator_for, document_logits, predict_logits
-from transferpipe.modeling import pick_device
+from transferpipe.modeling import load_classifier, pick_device
 from transferpipe.tokenization import load_tokenizer, tokenize_documents, window_tokenized
 
 DEFAULT_BATCH_SIZE = 32  # windows per forward pass of the served model
@@ -124,7 +124,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
         self.device = pick_device()
         # transferpipe.lstm is imported above, so an LSTM loads as this package's class, without remote code.
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder)).to(self.device).eval()
+        self.model = load_classifier(folder).to(self.device).eval()
         self.tokenizer = load_tokenizer(folder)
 
     # model_input has no type hint on purpose: MLflow reads one as the input schema and converts inputs to it.

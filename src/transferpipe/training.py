@@ -39,7 +39,9 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(groups: list[dict], lr: float, beta2: float, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
+    """AdamW, fused (one kernel for all parameters, on CUDA and on the CPU), which lets train_step() skip a
+    non-finite update on the device."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=True)
 
 
 def train_loader(
@@ -48,7 +50,7 @@ def train_loader(
     batch_size: int,
     seed: int,
     num_workers: int,
-    collate_fn: Callable[[list], dict],
+    collate_fn: Callable[[list], dict] | None,
     device: torch.device,
     section: str,
     drop_last: bool = False,
@@ -92,22 +94,78 @@ class FitResult:
             write_csv(tmp / "eval.csv", self.eval_rows, columns=columns)
 
 
+class EarlyStopping:
+    """The best evaluation and its weights. With `monitor` (a metric; higher is better unless
+    higher_is_better=False), update() keeps the best row and a copy of the weights, and says stop once
+    `patience` evaluations in a row brought nothing better; without one, the last evaluation is the best."""
+
+    def __init__(self, monitor: str | None = None, higher_is_better: bool = True, patience: int | None = None):
+        self.monitor, self.patience = monitor, patience
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.best_row: dict[str, float] = {}
+        self.best_score = -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None  # on the CPU
+        self.bad_evals = 0
+
+    def update(self, row: dict[str, float], model: torch.nn.Module) -> bool:
+        """Record one evaluation of `model`; True when training should stop."""
+        if self.monitor is None:
+            self.best_row = row
+            return False
+        if self.sign * row[self.monitor] > self.best_score:
+            self.best_row, self.best_score, self.bad_evals = row, self.sign * row[self.monitor], 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return False
+        self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Load the best weights into `model` (if a monitor kept any) and let go of the copy."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+            self.best_state = None
+
+
+class LossMeter:
+    """Training loss and skipped steps summed on the device, so that a step needs no host synchronization;
+    window() and skipped() sync once per logged row."""
+
+    def __init__(self, device: torch.device, state: tuple[float, float, float] = (0.0, 0.0, 0.0)):
+        self.total, self.steps, self.skips = (torch.tensor(x, device=device) for x in state)
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """One step's loss, counted only if its update was made (`finite`: a bool tensor)."""
+        self.total += torch.where(finite, loss.detach().float(), 0.0)
+        self.steps += finite
+        self.skips += ~finite
+
+    def window(self) -> float:
+        """The mean loss of the counted steps since the last call (NaN if every step was skipped)."""
+        total, steps = self.total.item(), self.steps.item()
+        self.total.zero_()
+        self.steps.zero_()
+        return total / steps if steps else math.nan
+
+    def skipped(self) -> int:
+        return int(self.skips.item())
+
+    def state(self) -> tuple[float, float, float]:
+        return self.total.item(), self.steps.item(), self.skips.item()
+
+
 @dataclass
 class _Progress:
     """fit()'s loop state beyond the model, optimizer and scheduler: what a checkpoint must carry."""
 
+    stopping: EarlyStopping
     step: int = 0
     epoch: int = 0
     position: int = 0  # batches of `epoch` consumed
-    best_score: float = -math.inf
-    best_state: dict | None = None
-    bad_evals: int = 0
     tokens: int = 0
     examples: int = 0
     elapsed: float = 0.0  # wall seconds before this process took over
     excluded: float = 0.0  # seconds of evaluations and checkpoints, left out of throughput
-    running: float = 0.0
-    running_n: int = 0
+    meter: tuple[float, float, float] = (0.0, 0.0, 0.0)  # LossMeter.state()
     pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # MLflow rows not yet sent
 
 
@@ -143,6 +201,90 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
+def train_step(
+    train_model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    meter: LossMeter,
+    *,
+    max_grad_norm: float,
+    bf16: bool,
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+) -> None:
+    """Forward, backward, clipping and an update that is skipped on the device when the gradients are not
+    finite (one NaN or inf would make every weight NaN), as AMP's GradScaler does: no host synchronization.
+    `optimizer` must be make_optimizer()'s fused AdamW, which reads `found_inf`."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
+    loss.backward()
+    # The norm is of the gradients as DDP all-reduced them, so every rank skips the same steps.
+    finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_grad_norm))
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    meter.add(loss, finite)
+
+
+class _Recorder:
+    """Where fit()'s rows go: the result's history, MLflow (at once, or after the checkpoint that covers
+    them), the progress bar, and the checkpoint itself."""
+
+    def __init__(self, run: Run, result: FitResult, progress: _Progress, checkpoints: Checkpoints | None,
+                 desc: str, device: torch.device):  # fmt: skip
+        self.run, self.result, self.progress, self.checkpoints = run, result, progress, checkpoints
+        self.desc, self.device, self.main = desc, device, distributed.is_main()
+        self.live = checkpoints is None or checkpoints.every is None  # no checkpoint to wait for: log at once
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.live:
+            self.run.log_metrics(metrics, step)
+        else:
+            self.progress.pending.append((step, metrics))
+
+    def say(self, line: str) -> None:
+        if self.main:
+            tqdm.write(line)
+
+    def train_row(self, step: int, meter: LossMeter, learning_rate: float, bar: tqdm) -> None:
+        # Over ranks: the global batch's loss. A window of skipped steps only has no loss (NaN).
+        row = {"step": step, "loss": distributed.all_mean(meter.window(), self.device), "learning_rate": learning_rate}
+        skipped = meter.skipped()
+        if skipped > self.result.skipped_steps:
+            self.say(f"{self.desc}: {skipped - self.result.skipped_steps} updates skipped up to step {step} "
+                     "(gradients not finite)")  # fmt: skip
+        self.result.skipped_steps = skipped
+        self.result.train_rows.append(row)
+        metrics = {"train/loss": row["loss"], "train/learning_rate": learning_rate, "train/skipped_steps": skipped}
+        self.log(metrics, step)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+
+    def eval_row(self, step: int, epoch: int, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        tokens, examples = distributed.all_sum([self.progress.tokens, self.progress.examples], self.device)
+        throughput = {"tokens_per_second": tokens / seconds, "examples_per_second": examples / seconds}
+        row = {"step": step, "epoch": epoch, **metrics}
+        self.result.eval_rows.append(row)
+        evals = {f"eval/{k}": v for k, v in metrics.items()}
+        self.log({**evals, **{f"train/{k}": v for k, v in throughput.items()}}, step)
+        self.say(f"{self.desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return row
+
+    def checkpoint(self, finished: bool, content: dict, meter: LossMeter, elapsed: float) -> None:
+        """Save the whole state (`content`: the model's, and optimizer's and scheduler's unless `finished`),
+        then send MLflow the rows it now covers (see Run.log_rows_once)."""
+        saving = time.perf_counter()
+        self.progress.elapsed, self.progress.meter = elapsed, meter.state()
+        state = {"finished": finished, "result": self.result, "progress": self.progress, **content}
+        self.checkpoints.save({**state, "run_id": self.run.run_id})
+        spent = time.perf_counter() - saving
+        self.result.checkpoint_seconds += spent
+        self.progress.excluded += spent
+        self.flush()
+
+    def flush(self) -> None:
+        self.run.log_rows(self.progress.pending)
+        self.progress.pending = []
+
+
 def fit(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -155,9 +297,7 @@ def fit(
     evaluate: Callable[[], dict[str, float]],
     run: Run,
     device: torch.device,
-    monitor: str | None = None,
-    higher_is_better: bool = True,
-    patience: int | None = None,
+    stopping: EarlyStopping | None = None,
     compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
     on_epoch: Callable[[int], None] | None = None,
     log_every: int = 10,
@@ -166,14 +306,13 @@ def fit(
     precision: str = "auto",
     checkpoints: Checkpoints | None = None,
 ) -> FitResult:
-    """Train for total_steps; evaluate every eval_every steps and at the end.
+    """Train for total_steps with warmup then linear decay; evaluate every eval_every steps and at the end.
 
-    With `monitor` (a key of evaluate()'s result; higher is better unless higher_is_better=False) the best
-    weights are restored at the end, and training stops once `patience` evaluations in a row brought no
-    improvement. `compute_loss` replaces the model's own loss (it receives the model as wrapped for
-    training); `on_epoch(epoch)` runs before the first step of every epoch (and of a resumed one: it must
-    depend on the epoch only). `model` itself is never wrapped: evaluate() and saving use it, and its
-    state_dict keys stay those of save_pretrained.
+    `stopping` (an EarlyStopping) keeps the best evaluation's weights, restores them at the end and may stop
+    early; without it the last evaluation counts. `compute_loss` replaces the model's own loss (it receives
+    the model as wrapped for training); `on_epoch(epoch)` runs before the first step of every epoch (and of
+    a resumed one: it must depend on the epoch only). `model` itself is never wrapped: evaluate() and saving
+    use it, and its state_dict keys stay those of save_pretrained.
 
     With `checkpoints` (transferpipe.checkpoint) the loop saves its whole state every `checkpoints.every`
     steps and once more when training ends, and continues from the state found there: a resumed run logs to
@@ -181,56 +320,23 @@ def fit(
     MLflow then gets each row after the checkpoint that covers it, so its histories never hold steps a
     resumed run repeats.
     """
-    main = distributed.is_main()
     state = checkpoints.state if checkpoints is not None else None
     model.to(device)
     if state is not None and state["finished"]:
-        # Trained to the end by an earlier process; only what came after (outputs, tracking) failed.
-        model.load_state_dict(state["model"])
-        run.log_rows_once(state["progress"].pending)
-        if main:
-            tqdm.write(f"{desc}: training finished earlier at step {state['result'].steps}; not training again")
-        model.eval()
-        return state["result"]
-
-    scheduler = get_scheduler(
-        "linear",
-        optimizer,
-        num_warmup_steps=math.ceil(warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    result = FitResult(steps=0, seconds=0.0)
-    progress = _Progress()
+        return _finished_earlier(model, state, run, desc)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    result, progress = FitResult(steps=0, seconds=0.0), _Progress(stopping or EarlyStopping())
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for part, saved in [(model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")]:
+            part.load_state_dict(state[saved])
         result, progress = state["result"], state["progress"]
+        checkpoints.restore_rng()
+    recorder = _Recorder(run, result, progress, checkpoints, desc, device)
+    if state is not None:
         run.log_rows_once(progress.pending)
         progress.pending = []
-        checkpoints.restore_rng()
-        if main:
-            tqdm.write(f"resuming {desc} from step {progress.step} of {total_steps}")
-    sign = 1.0 if higher_is_better else -1.0
-    live = checkpoints is None or checkpoints.every is None  # no checkpoint to wait for: log at once
-
-    def log(metrics: dict[str, float], step: int) -> None:
-        if live:
-            run.log_metrics(metrics, step)
-        else:
-            progress.pending.append((step, metrics))
-
-    def save_checkpoint(finished: bool) -> None:
-        saving = time.perf_counter()
-        progress.elapsed = saving - start
-        content = {"finished": finished, "model": model.state_dict(), "result": result, "progress": progress}
-        if not finished:  # a finished run is never trained further
-            content |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        checkpoints.save({**content, "run_id": run.run_id})
-        result.checkpoint_seconds += time.perf_counter() - saving
-        progress.excluded += time.perf_counter() - saving
-        run.log_rows(progress.pending)  # only now that the checkpoint holds them (see log_rows_once)
-        progress.pending = []
+        recorder.say(f"resuming {desc} from step {progress.step} of {total_steps}")
 
     # Gradual unfreezing leaves frozen parameters without gradients, which DDP must be told to expect.
     train_model = distributed.wrap(model, device, find_unused_parameters=on_epoch is not None)
@@ -238,110 +344,73 @@ def fit(
         train_model = torch.compile(train_model)  # compiles on the first step (and on new input shapes)
     train_model.train()
     bf16 = use_bf16(precision, device)  # decided once: on auto it asks the CPU what it supports
+    meter = LossMeter(device, progress.meter)
     start = time.perf_counter() - progress.elapsed
-    progress_bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=not main,
-    )
+    bar = tqdm(total=total_steps, initial=progress.step, desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=1.0, disable=not recorder.main)  # fmt: skip
     batches = _batches(loader, progress.epoch, progress.position)
-    current_epoch = None
-    step = progress.step
+    epoch, step = None, progress.step
     for step in range(progress.step + 1, total_steps + 1):
-        epoch, batch = next(batches)
-        if epoch != current_epoch and on_epoch is not None:
+        last_epoch, (epoch, batch) = epoch, next(batches)
+        if epoch != last_epoch and on_epoch is not None:
             on_epoch(epoch)
-        current_epoch = epoch
-        if epoch != progress.epoch:
-            progress.epoch, progress.position = epoch, 0
-        progress.position += 1
+        progress.position = progress.position + 1 if epoch == progress.epoch else 1
+        progress.epoch = epoch
+        progress.tokens += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
+        progress.examples += len(batch["input_ids"])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
-        loss.backward()
-        # The norm is of the gradients as DDP all-reduced them, so every rank takes the same branch.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            progress.running += loss.item()
-            progress.running_n += 1
-        else:  # one NaN or inf gradient would make every weight NaN: skip the update, as AMP's GradScaler does
-            result.skipped_steps += 1
-            if main:
-                tqdm.write(f"{desc} step {step}: gradients are not finite (loss {loss.item():.4g}); update skipped")
+        train_step(
+            train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16, compute_loss=compute_loss
+        )
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         progress.step = step
-
-        has_mask = "attention_mask" in batch
-        progress.tokens += int(batch["attention_mask"].sum()) if has_mask else batch["input_ids"].numel()
-        progress.examples += batch["input_ids"].shape[0]
-        progress_bar.update(1)
+        bar.update(1)
         if step % log_every == 0 or step == total_steps:
-            # Over ranks: the global batch's. A window of skipped steps only has no loss (NaN).
-            window = progress.running / progress.running_n if progress.running_n else math.nan
-            row = {"step": step, "loss": distributed.all_mean(window, device)}
-            row["learning_rate"] = scheduler.get_last_lr()[0]
-            result.train_rows.append(row)
-            log(
-                {
-                    "train/loss": row["loss"],
-                    "train/learning_rate": row["learning_rate"],
-                    "train/skipped_steps": result.skipped_steps,
-                },
-                step,
-            )
-            progress_bar.set_postfix(loss=f"{row['loss']:.3f}")
-            progress.running, progress.running_n = 0.0, 0
-
+            recorder.train_row(step, meter, scheduler.get_last_lr()[0], bar)
         if step % eval_every == 0 or step == total_steps:
-            eval_start = time.perf_counter()
+            evaluating = time.perf_counter()
             train_model.eval()
             metrics = evaluate()
             train_model.train()
-            progress.excluded += time.perf_counter() - eval_start
-            elapsed = time.perf_counter() - start - progress.excluded
-            all_tokens, all_examples = distributed.all_sum([progress.tokens, progress.examples], device)
-            throughput = {"tokens_per_second": all_tokens / elapsed, "examples_per_second": all_examples / elapsed}
-            row = {"step": step, "epoch": epoch, **metrics}
-            result.eval_rows.append(row)
-            log(
-                {**{f"eval/{k}": v for k, v in metrics.items()}, **{f"train/{k}": v for k, v in throughput.items()}},
-                step,
-            )
-            if main:
-                tqdm.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            if monitor is None:
-                result.best = row
-            elif sign * metrics[monitor] > progress.best_score:
-                progress.best_score, progress.bad_evals, result.best = sign * metrics[monitor], 0, row
-                progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                progress.bad_evals += 1
-                if patience is not None and progress.bad_evals >= patience:
-                    result.stopped_early = True
-                    if main:
-                        tqdm.write(f"{desc}: no better {monitor} for {patience} evaluations, stopping at step {step}")
-                    break
+            progress.excluded += time.perf_counter() - evaluating
+            row = recorder.eval_row(step, epoch, metrics, time.perf_counter() - start - progress.excluded)
+            if progress.stopping.update(row, model):
+                result.stopped_early = True
+                recorder.say(f"{desc}: no better {progress.stopping.monitor} for {progress.stopping.patience} "
+                             f"evaluations, stopping at step {step}")  # fmt: skip
+                break
         if checkpoints is not None and checkpoints.due(step) and step < total_steps:
-            save_checkpoint(finished=False)
-    progress_bar.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - start
+            content = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }
+            recorder.checkpoint(False, content, meter, time.perf_counter() - start)
+    bar.close()
+
+    result.steps, result.seconds = step, time.perf_counter() - start
+    result.skipped_steps = meter.skipped()
     tokens, examples = distributed.all_sum([progress.tokens, progress.examples], device)
     trained = max(result.seconds - progress.excluded, 1e-9)
-    result.tokens_per_second = tokens / trained
-    result.examples_per_second = examples / trained
-    if progress.best_state is not None:
-        model.load_state_dict(progress.best_state)
-        progress.best_state = None
+    result.tokens_per_second, result.examples_per_second = tokens / trained, examples / trained
+    result.best = progress.stopping.best_row
+    progress.stopping.restore_best(model)
     model.eval()
     if checkpoints is not None:
-        save_checkpoint(finished=True)
+        recorder.checkpoint(True, {"model": model.state_dict()}, meter, result.seconds)
     else:
-        run.log_rows(progress.pending)
+        recorder.flush()
     return result
+
+
+def _finished_earlier(model: torch.nn.Module, state: dict, run: Run, desc: str) -> FitResult:
+    """A checkpoint of a run trained to the end by an earlier process (only what came after, the outputs or
+    the tracking, failed): its weights and result, without training again."""
+    model.load_state_dict(state["model"])
+    run.log_rows_once(state["progress"].pending)
+    if distributed.is_main():
+        tqdm.write(f"{desc}: training finished earlier at step {state['result'].steps}; not training again")
+    model.eval()
+    return state["result"]
