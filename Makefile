@@ -45,4 +45,4 @@ report:
 	$(PYTHON) -m transferpipe.cli report --base $(BASE) --out report.md --images-dir report_images
 
 clean:
-	rm -rf .scratch build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf .checkpoints build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -21,7 +21,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from bench.common import REPO
-from transferpipe.finetuning import collator_for, document_logits, finetune, first_windows, predict_logits
+from transferpipe.finetuning import finetune
+from transferpipe.inference import collator_for, document_logits, first_windows, predict_logits
 from transferpipe.io import read_json
 from transferpipe.modeling import sequence_classifier
 from transferpipe.params import FinetuneParams, load_section

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferpipe.data import read_prepared
+from transferpipe.data import per_class_indices, read_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
-from transferpipe.finetuning import per_class_indices
+from transferpipe.inference import predict_texts
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import load_classifier, pick_device
 from transferpipe.params import (
@@ -40,7 +40,6 @@ from transferpipe.params import (
     check_params_file,
     load_section,
 )
-from transferpipe.serving import predict_texts
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion, split_sha256
 

@@ -18,7 +18,7 @@ Params:  finetune, tracking, tokenize.max_length and max_windows (how the logged
 Run:     python -m stages.finetune --params params.yaml --data data/tokenized --encoder models/pretrained \
              --variant pretrained --out models/finetuned/pretrained --metrics metrics/finetune/pretrained.json \
              --plots plots/finetune/pretrained
-Resume:  every finetune.checkpoint_every steps a checkpoint goes to .scratch/checkpoints/ (untracked); a rerun
+Resume:  every finetune.checkpoint_every steps a checkpoint goes to .checkpoints/ (untracked); a rerun
          after a kill continues from it, in the same MLflow run (transferpipe.checkpoint)
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
          writes the outputs and the one MLflow run (docs/gpu.md: Multi-GPU and multi-node)
@@ -32,9 +32,11 @@ from pathlib import Path
 import datasets
 
 from transferpipe.checkpoint import Checkpoints
+from transferpipe.data import per_class_indices
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
-from transferpipe.finetuning import finetune, first_windows, per_class_indices
+from transferpipe.finetuning import finetune
+from transferpipe.inference import first_windows
 from transferpipe.io import atomic_dir, read_json, write_json
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import (

@@ -12,7 +12,7 @@ Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.js
 Params:  model, pretrain, tracking
 Run:     python -m stages.pretrain --params params.yaml --data data/blocks --tokenizer models/tokenizer \
              --out models/pretrained --scratch models/scratch --metrics metrics/pretrain.json --plots plots/pretrain
-Resume:  every pretrain.checkpoint_every steps a checkpoint goes to .scratch/checkpoints/ (untracked); a rerun
+Resume:  every pretrain.checkpoint_every steps a checkpoint goes to .checkpoints/ (untracked); a rerun
          after a kill continues from it, in the same MLflow run (transferpipe.checkpoint)
 Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with DistributedDataParallel; rank 0 alone
          writes the outputs and the one MLflow run (docs/gpu.md: Multi-GPU and multi-node)

@@ -3,7 +3,7 @@
 The WordPiece tokenizer is trained on pretraining text only (train split plus extra unlabeled text),
 never on validation or test. With model.checkpoint set, that checkpoint's tokenizer is used instead.
 The prepared Parquet files are read as memory-mapped Arrow datasets and every step writes Arrow files to a
-scratch folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
+work folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
 
 Inputs:  --data folder from prepare
 Outputs: --tokenizer folder (save_pretrained),
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_section(args.params, "tokenize", TokenizeParams)
     checkpoint = load_section(args.params, "model", ModelParams).checkpoint
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Every intermediate dataset is an Arrow file in this scratch folder, memory-mapped, never all in memory.
-    # A killed run's scratch folder is swept here, at the next start.
-    with temp_sibling_dir(args.out, ".scratch") as scratch:
-        splits, label_names, unlabeled = open_prepared(args.data, scratch)
+    # Every intermediate dataset is an Arrow file in this work folder, memory-mapped, never all in memory.
+    # A killed run's work folder is swept here, at the next start.
+    with temp_sibling_dir(args.out) as work:
+        splits, label_names, unlabeled = open_prepared(args.data, work)
         pretraining = [splits["train"]] + ([unlabeled] if len(unlabeled) else [])
         if checkpoint is None:
             tokenizer = train_wordpiece(

@@ -74,7 +74,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     # A test's checkpoints stay its own, never in the repository where another test could resume them.
-    monkeypatch.setenv("TRANSFERPIPE_CHECKPOINT_DIR", str(tmp_path / ".scratch" / "checkpoints"))
+    monkeypatch.setenv("TRANSFERPIPE_CHECKPOINT_DIR", str(tmp_path / ".checkpoints"))
 
 
 def copy_repo(dest: Path) -> Path:

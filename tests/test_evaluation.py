@@ -78,7 +78,7 @@ def test_tfidf_logreg_learns_the_topics() -> None:
 def test_a_document_is_scored_by_the_mean_logits_of_its_windows() -> None:
     import datasets
 
-    from transferpipe.finetuning import document_logits
+    from transferpipe.inference import document_logits
 
     # Document 0 has three windows, 1 one, 2 two; rows in split order, as window_tokenized writes them.
     split = datasets.Dataset.from_dict({"document": [0, 0, 0, 1, 2, 2], "labels": [2, 2, 2, 0, 1, 1]})

@@ -172,9 +172,9 @@ def test_the_sweep_keeps_live_runs_and_other_outputs_siblings(tmp_path: Path) ->
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "data"
-    swept = [f".data.{dead.pid}.abcd1234.scratch", f".data.{dead.pid}.abcd1234.tmp", ".data.k3_x9q0z.tmp"]
+    swept = [f".data.{dead.pid}.abcd1234.work", f".data.{dead.pid}.abcd1234.tmp", ".data.k3_x9q0z.tmp"]
     kept = [
-        f".data.{os.getpid()}.abcd1234.scratch",  # a live concurrent run's
+        f".data.{os.getpid()}.abcd1234.work",  # a live concurrent run's
         f".data.{os.getpid()}.abcd1234.tmp",
         f".data.v2.{dead.pid}.abcd1234.tmp",  # another output's (data.v2)
         f".other.{dead.pid}.abcd1234.tmp",
@@ -184,7 +184,7 @@ def test_the_sweep_keeps_live_runs_and_other_outputs_siblings(tmp_path: Path) ->
         (tmp_path / name).mkdir()
     (tmp_path / swept[-1] / "half.bin").write_text("half")
     with temp_sibling_dir(out) as scratch:
-        assert scratch.is_dir() and scratch.name.startswith(f".data.{os.getpid()}.") and scratch.suffix == ".scratch"
+        assert scratch.is_dir() and scratch.name.startswith(f".data.{os.getpid()}.") and scratch.suffix == ".work"
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [scratch.name])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
@@ -210,7 +210,7 @@ def test_git_and_dvc_ignore_temp_siblings(tmp_path: Path) -> None:
         subprocess.run(args, cwd=root, env=env, check=True, capture_output=True, timeout=120)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
-    ignored = [".x.123.abc.tmp", ".x.123.abc.scratch", "data/.tokenized.123.abcd1234.scratch", "models/.m.json.1.a.tmp"]
+    ignored = [".x.123.abc.tmp", ".x.123.abc.work", "data/.tokenized.123.abcd1234.work", "models/.m.json.1.a.tmp"]
     kept = ["data/tokenized", "x.tmp", "metrics/test.json"]
     for name in ignored + kept:
         (root / name).parent.mkdir(parents=True, exist_ok=True)

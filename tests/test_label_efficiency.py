@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,12 +87,12 @@ def test_sweep_becomes_a_table_and_a_plot(repo: tuple[Path, dict[str, str]]) -> 
         assert float(row["scratch_mean"]) == pytest.approx(0.3 + n / 100 + 0.0015)
         assert float(row["tfidf_logreg_mean"]) == pytest.approx(0.9)
         assert float(row["pretrained_minus_scratch"]) == pytest.approx(0.2)
-    md = (root / "reports/le/label_efficiency.md").read_text()
+    md = re.sub(" +", " ", (root / "reports/le/label_efficiency.md").read_text())  # pandas pads the cells
     (row,) = [line for line in md.splitlines() if line.startswith("| 20 |")]
     assert row.startswith("| 20 | 2 | 0.70") and row.endswith(" ± 0.001 | 0.900 ± 0.000 | +0.200 |")
     assert "6 finished experiment(s)." in md  # no other param differs, so nothing is named as mixed
     assert (root / "reports/le/label_efficiency.png").read_bytes()[:8] == PNG_MAGIC
-    assert "| 5 | 2 |" in proc.stdout
+    assert "| 5 | 2 |" in re.sub(" +", " ", proc.stdout)
 
 
 def test_only_keeps_the_experiments_with_a_param_value(repo: tuple[Path, dict[str, str]]) -> None:

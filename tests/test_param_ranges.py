@@ -21,8 +21,8 @@ import yaml
 
 from stages import evaluate, finetune, pretrain, tokenize
 from tests.conftest import REPO, TINY_PARAMS, make_corpus
+from transferpipe.data import per_class_indices
 from transferpipe.errors import UserError, run_cli
-from transferpipe.finetuning import per_class_indices
 from transferpipe.params import SECTIONS, Range, TokenizeParams, check_params_file, load_params
 from transferpipe.tokenization import SPECIAL_TOKENS, train_wordpiece
 

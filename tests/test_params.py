@@ -51,6 +51,12 @@ def test_every_key_of_the_repo_params_loads(path: Path, section: str) -> None:
         assert getattr(loaded, key) == value, f"{section}.{key}"
 
 
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_the_dataclass_defaults_are_the_pipelines_params(section: str) -> None:
+    """One source of defaults: what a bench or test gets from Params() is what `dvc repro` runs."""
+    assert dataclasses.asdict(SECTIONS[section]()) == yaml.safe_load((REPO / "params.yaml").read_text())[section]
+
+
 @pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
 def test_repo_params_have_exactly_the_known_sections(path: Path) -> None:
     assert set(yaml.safe_load(path.read_text())) == set(SECTIONS)

@@ -97,7 +97,7 @@ def runs_by_name(client: MlflowClient, name: str) -> list:
 @pytest.fixture
 def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Prepared and tokenized tiny data in tmp_path (p, tok, b, t), the working directory (the repository
-    root, where .scratch/checkpoints goes)."""
+    root, where .checkpoints goes)."""
     monkeypatch.chdir(tmp_path)
     params = tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tokenize={"max_length": 16})
     d = tmp_path

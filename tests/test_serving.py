@@ -26,7 +26,8 @@ from tests.conftest import make_corpus, tiny_params, wait_for_http
 from tests.test_stages import dvc_commands
 from tests.test_tracking import tiny_classifier
 from transferpipe.errors import UserError
-from transferpipe.serving import predict_texts, texts_of
+from transferpipe.inference import predict_texts
+from transferpipe.serving import texts_of
 from transferpipe.tokenization import load_tokenizer
 
 CPU = torch.device("cpu")

@@ -227,7 +227,7 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
     # tokenize.max_windows (4) windows of tokenize.max_length (16) tokens, not its first window alone.
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    from transferpipe.serving import predict_texts
+    from transferpipe.inference import predict_texts
     from transferpipe.tokenization import load_tokenizer
 
     long_text = "bank shares market profit economy film music star award " * 20

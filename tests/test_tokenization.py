@@ -299,7 +299,7 @@ def test_tokenize_stage_with_unlabeled_text_and_num_proc(tmp_path: Path, tiny_cs
     # The unlabeled documents (about 240 of 20 tokens each) are in the packed pretraining text.
     train_tokens = sum(len(ids) for ids in reference["train"]["input_ids"])
     assert first["pretraining_tokens"] > train_tokens + 200 * 16
-    assert not list(tmp_path.glob(".t*.scratch"))  # the scratch folder is gone
+    assert not list(tmp_path.glob(".t*.work"))  # the work folder is gone
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ after a kill) loads it and continues: on CPU with a fixed precision the weights 
 those of an uninterrupted run (DataLoader workers only stack token ids: the MLM masks are drawn in the
 training process, from the RNG the checkpoint holds).
 
-A stage's checkpoints live in `.scratch/checkpoints/<stage>-<key>/` at the repository root (ignored by git,
+A stage's checkpoints live in `.checkpoints/<stage>-<key>/` at the repository root (ignored by git,
 never a DVC output), where the key hashes everything the stage's result depends on: its params sections, the
 bytes of its inputs and the package's code. A changed param, input or line of code therefore starts afresh
 instead of resuming a stale checkpoint. Each write goes to a temporary file renamed over the last one, so a
@@ -37,7 +37,7 @@ from transferpipe import distributed
 from transferpipe.errors import UserError
 from transferpipe.tracking import repo_root
 
-CHECKPOINT_DIR = Path(".scratch") / "checkpoints"
+CHECKPOINT_DIR = Path(".checkpoints")
 DIR_ENV = "TRANSFERPIPE_CHECKPOINT_DIR"  # another folder for them: a faster disk, or one every node shares
 FILE = "checkpoint.pt"
 PACKAGE = Path(__file__).resolve().parent

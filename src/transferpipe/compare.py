@@ -13,23 +13,19 @@ from typing import Any
 
 from transferpipe.errors import UserError
 from transferpipe.io import write_text_atomic
-from transferpipe.tracking import tracking_uri
+from transferpipe.tracking import quiet_mlflow, sqlite_path, tracking_uri
 
 STAGE_TAG = "transferpipe.stage"
 METRICS = ["test/macro_f1", "test/accuracy", "test/tfidf_logreg_macro_f1", "best/validation_macro_f1"]
-RUN_COLUMNS = ["run", "variant", "dvc.exp_name", "commit", "status"]
 
 
 def finetune_runs(experiment_name: str, uri: str | None = None) -> Any:
     """mlflow.search_runs' frame of the experiment's finetune runs, oldest first; UserError when there are none."""
-    import logging
-
     import mlflow
 
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_mlflow()
     uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
         # mlflow would silently create an empty store here; say what is missing instead.
         raise UserError(f"no MLflow store at {uri}; run `dvc repro` first or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -79,15 +75,11 @@ def comparison_table(runs: Any) -> tuple[Any, list[str]]:
 
 
 def to_markdown(table: Any) -> str:
-    """A GitHub-flavoured Markdown table (no tabulate dependency); metrics to 4 decimals."""
+    """A GitHub-flavoured Markdown table (pandas' to_markdown); metrics to 4 decimals, right-aligned."""
     columns = [c for c in table.columns if c != "run_id"]
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---:" if c in METRICS else "---" for c in columns) + "|",
-    ]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c], c in METRICS) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    cells = table[columns].astype(object).apply(lambda col: col.map(lambda v: _cell(v, col.name in METRICS)))
+    align = ["right" if c in METRICS else "left" for c in columns]
+    return cells.to_markdown(index=False, tablefmt="github", colalign=align, disable_numparse=True) + "\n"
 
 
 def to_text(table: Any) -> str:

@@ -16,7 +16,7 @@ import json
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -247,24 +247,51 @@ def read_prepared(folder: Path) -> tuple[dict[str, pd.DataFrame], list[str], lis
     return splits, labels, unlabeled
 
 
-def parquet_as_dataset(path: Path, scratch: Path) -> datasets.Dataset:
-    """A Parquet file as a memory-mapped Arrow dataset: copied into an Arrow file in `scratch` one record batch
+def parquet_as_dataset(path: Path, work_dir: Path) -> datasets.Dataset:
+    """A Parquet file as a memory-mapped Arrow dataset: copied into an Arrow file in `work_dir` one record batch
     at a time, so a file larger than memory never has to fit in it."""
     parquet = pq.ParquetFile(path)
     schema = parquet.schema_arrow.remove_metadata()  # pandas' index metadata means nothing here
-    arrow_path = Path(scratch) / f"{Path(path).stem}.arrow"
+    arrow_path = Path(work_dir) / f"{Path(path).stem}.arrow"
     with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in parquet.iter_batches(batch_size=10_000):
             writer.write_batch(batch.replace_schema_metadata(None))
     return datasets.Dataset.from_file(str(arrow_path))
 
 
-def open_prepared(folder: Path, scratch: Path) -> tuple[dict[str, datasets.Dataset], list[str], datasets.Dataset]:
+def open_prepared(folder: Path, work_dir: Path) -> tuple[dict[str, datasets.Dataset], list[str], datasets.Dataset]:
     """read_prepared for corpora larger than memory: the splits and the unlabeled text as memory-mapped
-    datasets (columns text, label / text) whose Arrow files live in `scratch`."""
+    datasets (columns text, label / text) whose Arrow files live in `work_dir`."""
     folder = Path(folder)
     if not (folder / "labels.json").is_file():
         raise UserError(f"{folder} holds no prepared data; run the prepare stage first (dvc repro prepare)")
-    splits = {name: parquet_as_dataset(folder / f"{name}.parquet", scratch) for name in SPLITS}
+    splits = {name: parquet_as_dataset(folder / f"{name}.parquet", work_dir) for name in SPLITS}
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
-    return splits, labels, parquet_as_dataset(folder / "unlabeled.parquet", scratch)
+    return splits, labels, parquet_as_dataset(folder / "unlabeled.parquet", work_dir)
+
+
+def per_class_indices(
+    labels: Sequence[int], labels_per_class: int | str, seed: int, names: Sequence[str] | None = None
+) -> list[int]:
+    """Sorted indices of labels_per_class examples of each class, drawn with a seeded generator ("all": every
+    index). The fine-tuned models and the evaluate stage's baseline draw the same ones. Every class must have
+    that many: fewer would quietly make the subsample imbalanced. `names` (label id -> name) name the class
+    that has too few."""
+    if labels_per_class == "all":
+        return list(range(len(labels)))
+    if labels_per_class < 1:
+        raise UserError(f"params finetune.labels_per_class={labels_per_class} must be at least 1 or 'all'")
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) and labels_per_class > counts.min():
+        smallest = classes[counts.argmin()]
+        smallest = repr(names[smallest]) if names is not None else smallest
+        raise UserError(
+            f"params finetune.labels_per_class: {labels_per_class} is more than the smallest class of the training "
+            f"split has (class {smallest}: {counts.min()} examples); use at most {counts.min()} or 'all'"
+        )
+    rng = np.random.default_rng(seed)
+    keep = [
+        i for label in classes for i in rng.choice(np.flatnonzero(labels == label), labels_per_class, replace=False)
+    ]
+    return sorted(int(i) for i in keep)

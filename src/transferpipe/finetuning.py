@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from transferpipe import distributed
 from transferpipe.checkpoint import Checkpoints
-from transferpipe.errors import UserError
+from transferpipe.data import per_class_indices
 from transferpipe.evaluation import classification_metrics
+from transferpipe.inference import MODEL_INPUTS, collator_for, document_logits, first_windows, predict_logits
 from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
 from transferpipe.params import FinetuneParams
 from transferpipe.tracking import Run
 from transferpipe.training import EarlyStopping, FitResult, fit, make_optimizer, train_loader
-
-
-def per_class_indices(
-    labels: Sequence[int], labels_per_class: int | str, seed: int, names: Sequence[str] | None = None
-) -> list[int]:
-    """Sorted indices of labels_per_class examples of each class, drawn with a seeded generator ("all": every
-    index). The fine-tuned models and the evaluate stage's baseline draw the same ones. Every class must have
-    that many: fewer would quietly make the subsample imbalanced. `names` (label id -> name) name the class
-    that has too few."""
-    if labels_per_class == "all":
-        return list(range(len(labels)))
-    if labels_per_class < 1:
-        raise UserError(f"params finetune.labels_per_class={labels_per_class} must be at least 1 or 'all'")
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) and labels_per_class > counts.min():
-        smallest = classes[counts.argmin()]
-        smallest = repr(names[smallest]) if names is not None else smallest
-        raise UserError(
-            f"params finetune.labels_per_class: {labels_per_class} is more than the smallest class of the training "
-            f"split has (class {smallest}: {counts.min()} examples); use at most {counts.min()} or 'all'"
-        )
-    rng = np.random.default_rng(seed)
-    keep = [
-        i for label in classes for i in rng.choice(np.flatnonzero(labels == label), labels_per_class, replace=False)
-    ]
-    return sorted(int(i) for i in keep)
 
 
 def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, seed: int) -> datasets.Dataset:
@@ -53,58 +23,6 @@ def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, se
     if labels_per_class == "all":
         return train
     return train.select(per_class_indices(train["labels"], labels_per_class, seed))
-
-
-def first_windows(split: datasets.Dataset) -> datasets.Dataset:
-    """The first window of each document (tokenization.window_tokenized): the rows training reads."""
-    return split.select(np.flatnonzero(np.asarray(split["window"]) == 0))
-
-
-def document_logits(window_logits: np.ndarray, split: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) per document of a windowed split, in document order: the mean of the logits of its
-    windows (rows of window_logits, in split order), and its label."""
-    documents, rows = np.unique(np.asarray(split["document"]), return_inverse=True)
-    sums = np.zeros((len(documents), window_logits.shape[1]), dtype=np.float64)
-    np.add.at(sums, rows, window_logits)
-    labels = np.empty(len(documents), dtype=np.int64)
-    labels[rows] = split["labels"]
-    return (sums / np.bincount(rows, minlength=len(documents))[:, None]).astype(np.float32), labels
-
-
-def collator_for(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> DataCollatorWithPadding:
-    """Pad each batch to its own longest sequence (multiples of 8 suit GPU tensor cores)."""
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the columns a model's forward takes
-
-
-def model_batches(
-    dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The model-input columns of dataset in batches, in order, padded by collator, on device."""
-    columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
-    for batch in DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator):
-        yield {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def predict_logits(
-    model: PreTrainedModel,
-    dataset: datasets.Dataset,
-    collator: DataCollatorWithPadding,
-    batch_size: int,
-    device: torch.device,
-) -> np.ndarray:
-    """Logits for every example, in dataset order: (n_examples, n_labels)."""
-    model.to(device).eval()
-    out = []
-    for batch in model_batches(dataset, collator, batch_size, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(**batch).logits.float().cpu())
-    if not out:  # an empty shard of a small validation set under torchrun
-        return np.empty((0, model.config.num_labels), dtype=np.float32)
-    return torch.cat(out).numpy()
 
 
 def finetune(

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# `.<name>.<pid>.<8 random>.tmp|scratch`; also the pid-less `.<name>.<8 random>.tmp` that tempfile used to make.
-_TEMP_TAIL = re.compile(r"(?:(\d{1,7})\.)?[a-z0-9_]{8}\.(?:tmp|scratch)")
+# `.<name>.<pid>.<8 random>.tmp|work`; also the pid-less `.<name>.<8 random>.tmp` that tempfile used to make.
+_TEMP_TAIL = re.compile(r"(?:(\d{1,7})\.)?[a-z0-9_]{8}\.(?:tmp|work)")
 
 
 def temp_sibling(path: Path, suffix: str = ".tmp") -> Path:
@@ -37,7 +37,7 @@ def sweep_temp_siblings(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def temp_sibling_dir(path: Path, suffix: str = ".scratch") -> Iterator[Path]:
+def temp_sibling_dir(path: Path, suffix: str = ".work") -> Iterator[Path]:
     """Yield a new empty folder beside `path`, removed afterwards; a crashed run's is swept at the next start."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from transferpipe.errors import UserError
 from transferpipe.io import write_text_atomic
 
@@ -119,14 +121,18 @@ def to_markdown(rows: list[dict]) -> str:
     header = ["labels per class", "experiments", *(f"{MODEL_NAMES[m]} macro-F1" for m in models)]
     if "pretrained_minus_scratch" in rows[0]:
         header.append("pretrained − scratch")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    table = []
     for row in rows:
         cells = [str(row["labels_per_class"]), str(row["experiments"])]
         cells += [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in models]
         if "pretrained_minus_scratch" in row:
             cells.append(f"{row['pretrained_minus_scratch']:+.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    frame = pd.DataFrame(table, columns=header)
+    return (
+        frame.to_markdown(index=False, tablefmt="github", colalign=["right"] * len(header), disable_numparse=True)
+        + "\n"
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -97,7 +97,7 @@ class TokenizeParams:
     min_frequency: int = ranged(2, ge=1)
     lowercase: bool = True
     # Classification inputs are windows of at most this many tokens ([CLS] + [SEP] + one token at least).
-    max_length: int = ranged(256, ge=3)
+    max_length: int = ranged(128, ge=3)
     # Each document is cut into at most this many consecutive max_length windows (None: all of them). Training
     # reads each document's first window; a prediction averages the logits of all its windows. 1: truncation.
     max_windows: int | None = ranged(8, ge=1)
@@ -110,9 +110,9 @@ class TokenizeParams:
 @dataclass(frozen=True)
 class PretrainParams:
     enabled: bool = True  # False: save the starting encoder untrained (skip pretraining)
-    max_steps: int = ranged(1000, ge=1)
+    max_steps: int = ranged(900, ge=1)
     batch_size: int = ranged(32, ge=1)
-    learning_rate: float = ranged(1.0e-3, gt=0)
+    learning_rate: float = ranged(2.0e-3, gt=0)  # the peak
     warmup_ratio: float = ranged(0.1, ge=0, lt=1)
     weight_decay: float = ranged(0.01, ge=0)
     adam_beta2: float = ranged(0.98, gt=0, lt=1)
@@ -124,7 +124,7 @@ class PretrainParams:
     checkpoint_every: int | None = ranged(100, ge=1)
     seed: int = ranged(42, ge=0, lt=2**32)
     torch_compile: bool = False  # torch.compile the model for training (pays a compile at the start)
-    # DataLoader worker processes preparing batches (and MLM masks) per training process
+    # DataLoader worker processes loading batches per training process (MLM masks are drawn on the device)
     num_workers: int = ranged(0, ge=0)
     # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX: about 1.8x the tokens/s of
     # fp32), fp32 elsewhere; bf16: autocast on any device; fp32: never.
@@ -133,9 +133,9 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = ranged(10, ge=1)
+    epochs: int = ranged(4, ge=1)
     batch_size: int = ranged(16, ge=1)
-    encoder_learning_rate: float = ranged(1.0e-4, gt=0)
+    encoder_learning_rate: float = ranged(5.0e-4, gt=0)
     head_learning_rate: float = ranged(1.0e-3, gt=0)
     warmup_ratio: float = ranged(0.1, ge=0, lt=1)
     weight_decay: float = ranged(0.01, ge=0)
@@ -156,7 +156,7 @@ class FinetuneParams:
     # loss (cross-entropy, lower is better; smoother than macro-F1 on a small validation set)
     monitor: Literal["macro_f1", "loss"] = "macro_f1"
     # Epochs without a better validation `monitor` (0 would stop as 1 does: at the first epoch no better)
-    early_stopping_patience: int = ranged(3, ge=1)
+    early_stopping_patience: int = ranged(2, ge=1)
     max_grad_norm: float = ranged(1.0, gt=0)
     checkpoint_every: int | None = ranged(50, ge=1)  # steps between checkpoints, as in PretrainParams
     seed: int = ranged(42, ge=0, lt=2**32)

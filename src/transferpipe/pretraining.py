@@ -14,6 +14,7 @@ import math
 import datasets
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
 
@@ -130,7 +131,8 @@ def held_out_loss(lm: nn.Module, batches: list[dict], device: torch.device) -> d
     """The mean loss per predicted token over `batches` and its perplexity; under torchrun each rank scores
     every world_size-th batch and the sums are combined, so every rank returns the same numbers."""
     total, count = 0.0, 0
-    for batch in batches[distributed.rank() :: distributed.world_size()]:
+    mine = batches[distributed.rank() :: distributed.world_size()]
+    for batch in tqdm(mine, desc="held-out loss", unit="batch", leave=False, disable=not distributed.is_main()):
         n = lm.predicted(batch)
         if n == 0:
             continue

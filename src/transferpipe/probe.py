@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from transferpipe.data import per_class_indices
 from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
-from transferpipe.finetuning import collator_for, document_logits, first_windows, model_batches, per_class_indices
+from transferpipe.inference import collator_for, document_logits, first_windows, model_batches
 from transferpipe.io import read_json
 from transferpipe.modeling import encoder_of, pick_device, sequence_classifier
 from transferpipe.tokenization import load_tokenizer

@@ -1,8 +1,9 @@
 """A Markdown report of the working tree against a base git revision, for a pull request or a local check.
 
-It compares what is committed (params.yaml, the DVC metrics files under metrics/, the DVC plots files under
-plots/) at the base revision, read with `git show`, with the same files in the working tree, so it works in
-any clone where the base revision is fetched, with no DVC cache. The MLflow run ids behind the numbers live
+Params and metrics are DVC's own diffs (`dvc params diff` and `dvc metrics diff` against the base, as Markdown).
+What DVC does not show is added: the MLflow run ids behind the numbers, and figures of the DVC plots files
+under plots/ at the base revision (read with `git show`) beside the working tree's, so it works in any clone
+where the base revision is fetched, with no DVC cache. The MLflow run ids behind the numbers live
 in DVC outputs (models/*/training_run.json): the working tree's are read from disk, the base's through
 `dvc.api.read`, from the local cache or else the default DVC remote; where neither has them (a fresh clone with
 no remote, as on a CI runner) they are reported as unknown.
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from transferpipe.errors import UserError
 from transferpipe.evaluation import confusion
@@ -101,8 +100,8 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
     link_prefix = Path(os.path.relpath(images_dir.resolve(), out.resolve().parent)).as_posix()
 
     lines = [f"# transferpipe report: {new.label} vs {old.label}", ""]
-    lines += _params_section(old, new)
-    lines += _metrics_section(old, new)
+    lines += _dvc_diff_section(root, "params", base, "Params", f"No params changed in {PARAMS_FILE}.")
+    lines += _dvc_diff_section(root, "metrics", base, "Metrics", f"No metrics changed under {METRICS_DIR}/.")
     lines += _runs_section(root, base_sha, new)
     lines += _figures_section(old, new, images_dir, link_prefix)
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
@@ -127,65 +126,27 @@ def resolve_revision(root: Path, rev: str) -> str:
         ) from None
 
 
-# --- params ------------------------------------------------------------------------------------------------
+# --- params and metrics: DVC's own diffs ------------------------------------------------------------------
 
 
-def _params_section(old: Side, new: Side) -> list[str]:
-    before, after = flatten(_load_yaml(old.read(PARAMS_FILE))), flatten(_load_yaml(new.read(PARAMS_FILE)))
-    changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k, MISSING) != after.get(k, MISSING)]
-    lines = ["## Params", ""]
-    if not changed:
-        return [*lines, f"No params changed in {PARAMS_FILE}.", ""]
-    lines += ["| param | base | new |", "|---|---|---|"]
-    for key in changed:
-        lines.append(f"| `{key}` | {_param_value(before, key)} | {_param_value(after, key)} |")
-    return [*lines, ""]
+def _dvc_diff_section(root: Path, kind: str, base: str, title: str, nothing: str) -> list[str]:
+    """`dvc params diff` or `dvc metrics diff` of the working tree against `base`, as DVC's Markdown table."""
+    table = _dvc(root, kind, "diff", base, "--md").strip()
+    rows = [line for line in table.splitlines() if line.startswith("|")][2:]  # under the header and the rule
+    return [f"## {title}", "", table if rows else nothing, ""]
 
 
-def _param_value(values: dict[str, Any], key: str) -> str:
-    if key not in values:
-        return MISSING
-    value = values[key]
-    return f"`{'null' if value is None else json.dumps(value) if isinstance(value, list | bool) else value}`"
-
-
-def _load_yaml(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
+def _dvc(root: Path, *args: str) -> str:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{PARAMS_FILE} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys: {"test": {"pretrained": {"macro_f1": x}}} -> {"test.pretrained.macro_f1": x}."""
-    if not isinstance(data, dict):
-        return {prefix: data} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    return flat
-
-
-# --- metrics -----------------------------------------------------------------------------------------------
-
-
-def _metrics_section(old: Side, new: Side) -> list[str]:
-    files = sorted(
-        {p for p in old.list_dir(METRICS_DIR) + new.list_dir(METRICS_DIR) if p.endswith(".json")},
-    )
-    lines = ["## Metrics", ""]
-    if not files:
-        return [*lines, f"No metrics files under {METRICS_DIR}/ on either side.", ""]
-    lines += ["| file | metric | base | new | delta |", "|---|---|---:|---:|---:|"]
-    for path in files:
-        before, after = flatten(_load_json(old.read(path), path)), flatten(_load_json(new.read(path), path))
-        for key in sorted(before.keys() | after.keys()):
-            b, a = before.get(key), after.get(key)
-            lines.append(f"| {path} | `{key}` | {_number(b)} | {_number(a)} | {_delta(b, a)} |")
-    return [*lines, ""]
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"dvc {' '.join(args)} failed ({exc})") from None
+    if proc.returncode != 0:
+        message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"dvc {' '.join(args)} failed: {message}")
+    return proc.stdout
 
 
 def _load_json(text: str | None, path: str) -> Any:
@@ -195,26 +156,6 @@ def _load_json(text: str | None, path: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return MISSING
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _delta(before: Any, after: Any) -> str:
-    if not (_is_number(before) and _is_number(after)):
-        return MISSING
-    delta = after - before
-    if isinstance(delta, float) and not math.isfinite(delta):
-        return MISSING
-    # 6 significant digits hide float noise such as 0.85 - 0.8 = 0.04999999999999993.
-    return "0" if delta == 0 else f"{delta:+.6g}"
 
 
 # --- MLflow run ids ----------------------------------------------------------------------------------------
@@ -335,6 +276,7 @@ def _curve_figure(path: Path, title: str, series: list[tuple[str, str, str]], yl
 def _confusion_figure(path: Path, model: str, json_path: str, *sides: Side) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     frames = []
     for side in sides:
@@ -351,15 +293,8 @@ def _confusion_figure(path: Path, model: str, json_path: str, *sides: Side) -> N
             ax.set_axis_off()
             continue
         counts = confusion(frame["actual"].astype(str), frame["predicted"].astype(str), labels)  # (actual, predicted)
-        ax.imshow(counts, cmap="Blues")
-        peak = counts.max() or 1
-        for i, _ in enumerate(labels):
-            for j, _ in enumerate(labels):
-                value = int(counts[i, j])
-                color = "white" if value > peak / 2 else "black"
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color=color)
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        display = ConfusionMatrixDisplay(counts, display_labels=labels)
+        display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
         ax.set_xlabel("predicted")
         ax.set_ylabel("actual")
     fig.suptitle(f"Test confusion matrix, {model}")

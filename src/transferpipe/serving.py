@@ -1,88 +1,28 @@
-"""Raw texts to document predictions: the one function that evaluate, the MLflow model and a Python user call.
+"""The fine-tuned model as an MLflow pyfunc: TextClassifier.predict(texts) is inference.predict_texts, the
+function evaluate scores the test set with, returned as a DataFrame of `label` and `score`.
 
-A document is scored the way evaluate measures it: tokenized whole and cut into consecutive windows of at most
-max_length tokens, at most max_windows of them (tokenization.tokenize_for_classification, the code the tokenize
-stage runs), each window through the model in padded batches (finetuning.predict_logits), the window logits
-averaged (finetuning.document_logits). Its label is the argmax of the mean logits, its score the softmax
-probability of that label.
-
-TextClassifier wraps predict_texts as an MLflow pyfunc model (tracking.Run.log_text_classifier logs it with this
-package as its code), so the registered model predicts what evaluate scored:
+tracking.Run.log_text_classifier logs it with this package as its code, so the registered model predicts what
+evaluate scored:
 
     mlflow.pyfunc.load_model("models:/transferpipe-classifier@candidate").predict(["The striker scored twice"])
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import transferpipe.lstm  # noqa: F401  registers the LSTM with the Auto classes: no trust_remote_code needed
 from transferpipe.errors import UserError
-from transferpipe.finetuning import collator_for, document_logits, predict_logits
+from transferpipe.inference import predict_texts
 from transferpipe.modeling import load_classifier, pick_device
-from transferpipe.tokenization import load_tokenizer, tokenize_documents, window_tokenized
+from transferpipe.tokenization import load_tokenizer
 
 DEFAULT_BATCH_SIZE = 32  # windows per forward pass of the served model
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Per document, in input order."""
-
-    logits: np.ndarray  # (documents, labels): the mean of the logits of the document's windows
-    label_ids: np.ndarray  # (documents,) argmax of logits
-    labels: list[str]  # the label names of label_ids (model.config.id2label)
-    scores: np.ndarray  # (documents,) softmax probability of the chosen label
-    windows: np.ndarray  # (documents,) how many windows each document was scored on
-
-
-def predict_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    max_length: int | None,
-    max_windows: int | None,
-    batch_size: int,
-    device: torch.device,
-) -> Predictions:
-    """Predictions for raw texts, each scored on the mean logits of its windows of at most max_length tokens
-    (at most max_windows of them; None: all). max_length None scores each text whole, as one window."""
-    if isinstance(texts, str):
-        raise UserError("predict_texts takes a list of texts, not one string: wrap it as [text]")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise UserError(f"text {i} is a {type(text).__name__}, not a string: every text must be a string")
-    n_labels = model.config.num_labels
-    if not texts:
-        empty = np.empty(0, dtype=np.int64)
-        return Predictions(np.empty((0, n_labels), dtype=np.float32), empty, [], np.empty(0), empty)
-    # window_tokenized carries each document's label onto its windows; unknown here, so 0 (never read).
-    documents = tokenize_documents(tokenizer, datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)}))
-    if max_length is None:
-        max_length, max_windows = max(map(len, documents["input_ids"])), 1
-    windowed = window_tokenized(tokenizer, documents, max_length, max_windows)
-    window_logits = predict_logits(model, windowed, collator_for(tokenizer, device), batch_size, device)
-    logits, _ = document_logits(window_logits, windowed)  # (documents, labels)
-    label_ids = logits.argmax(-1)
-    probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
-    return Predictions(
-        logits=logits,
-        label_ids=label_ids,
-        labels=[model.config.id2label[int(i)] for i in label_ids],
-        scores=probabilities[np.arange(len(texts)), label_ids],
-        windows=np.bincount(np.asarray(windowed["document"]), minlength=len(texts)),
-    )
 
 
 def texts_of(model_input: Any) -> list[str]:

@@ -92,8 +92,9 @@ def _train_vocab(
     """The tokens WordPieceTrainer learns, with `first` given the first ids (as special tokens, which the
     trainer numbers before anything else)."""
     tok = _wordpiece(None, lowercase)
+    # The trainer's own progress bars (on a terminal only): reading the texts, counting pairs, merging.
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=first, show_progress=False
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=first, show_progress=True
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return set(tok.get_vocab(with_added_tokens=False))

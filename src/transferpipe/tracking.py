@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import filelock
+
 from transferpipe.errors import Interrupted, UserError
 from transferpipe.params import TrackingParams
 
@@ -144,7 +146,7 @@ class Run:
         """The fine-tuned model as an MLflow pyfunc model (`python_model`, a transferpipe.serving.TextClassifier,
         passed in so that only the stages that log a classifier import serving): predict(texts)
         gives a DataFrame of `label` (label names) and `score`, each text scored as evaluate scores it
-        (serving.predict_texts): the mean logits of its windows of max_length tokens, at most max_windows of them
+        (inference.predict_texts): the mean logits of its windows of max_length tokens, at most max_windows of them
         (None: all; max_length None: each text whole, as one window).
 
         The model carries this package as its code (code_paths), so it loads wherever its pinned requirements
@@ -165,9 +167,10 @@ class Run:
         import torch
         import transformers
 
-        with tempfile.TemporaryDirectory() as scratch:
+        print(f"logging the model to MLflow ({self.run_id}) and checking it predicts its input example ...", flush=True)
+        with tempfile.TemporaryDirectory() as work:
             # The artifact keeps its folder's name: `classifier`, not the atomic write's hidden temporary name.
-            folder = shutil.copytree(model_dir, Path(scratch) / "classifier")
+            folder = shutil.copytree(model_dir, Path(work) / "classifier")
             info = _retry_locked(
                 lambda: mlflow.pyfunc.log_model(
                     name="model",
@@ -258,47 +261,44 @@ def _retry_locked(action: Callable[[], T], delays: tuple[float, ...] = LOCKED_RE
     raise AssertionError("unreachable")
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def quiet_mlflow() -> None:
+    """MLflow and alembic are chatty at INFO; a stage's own progress is what the user wants to read."""
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # It warns that a local model has no hub model card or license, which is expected here.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` store URI (None for other stores)."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
-    """An exclusive file lock beside an SQLite store (a no-op for other stores or without fcntl)."""
-    db = _sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no concurrent DVC queue workers to guard against there
-        fcntl = None
-    if db is None or fcntl is None:
+    """An exclusive file lock beside an SQLite store (a no-op for other stores)."""
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
     # In the (ignored) artifacts folder, so the lock file never shows up as an untracked file beside mlflow.db.
     lock = db.parent / ARTIFACTS_DIR / f".{db.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with filelock.FileLock(lock):
+        yield
 
 
 def _configure(uri: str, experiment_name: str) -> None:
     import mlflow
 
-    # MLflow and alembic are chatty at INFO; a stage's own progress is what the user wants to read.
-    for name in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # It warns that a local model has no hub model card or license, which is expected here.
-    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    quiet_mlflow()
     mlflow.set_tracking_uri(uri)
     # The first store access creates and migrates a new SQLite store: two processes doing that at once leave
     # it broken for good ("table _alembic_tmp_experiments already exists"), so they take turns.
     with _store_lock(uri):
         if _retry_locked(lambda: mlflow.get_experiment_by_name(experiment_name)) is None:
             location = None
-            db = _sqlite_path(uri)
+            db = sqlite_path(uri)
             if db is not None:
                 # Without this MLflow puts artifacts under ./mlruns of whatever folder the stage runs in.
                 location = (db.parent / ARTIFACTS_DIR).resolve().as_uri()
