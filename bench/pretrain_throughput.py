@@ -1,14 +1,15 @@
 """Pretraining throughput: our MLM path against the transformers run_mlm.py reference path.
 
 Same width, depth, vocabulary, data and batch shape (batch_size x block_size from params.yaml):
-- ours: the configured encoder (ModernBERT-style, pre-LayerNorm, MLM logits on masked positions only) on
-  packed blocks, no dropout;
+- ours: the pretrain stage's objective (pretraining.MaskedLM: the configured ModernBERT-style encoder, a fixed
+  number of masks per packed block drawn on the device, the head on the masked positions only), no dropout,
+  the fused AdamW;
 - reference: BertForMaskedLM (post-LayerNorm, dropout 0.1, vocabulary logits at every position) on
   documents truncated and padded to block_size (run_mlm.py --line_by_line --pad_to_max_length).
 Counts real (non-padding) tokens per second of optimizer steps. On CUDA ours runs as the pipeline trains
-(bf16 autocast) and the reference as run_mlm.py does by default (fp32), and both print model-FLOPs
-utilization against the GPU's dense bf16 peak (H100: 989 TFLOP/s), with FLOPs per token counted as
-6 x (non-embedding parameters) + 12 x layers x hidden x sequence length (attention), the PaLM convention.
+(bf16 autocast) and the reference as run_mlm.py does by default (fp32), and both print model and hardware
+FLOPs utilization against the GPU's dense bf16 peak (transferpipe.flops: window attention at its window and
+the head on predicted positions only in model FLOPs).
 
 Run: python -m bench.pretrain_throughput [--size base]   (base: a BERT-base-sized encoder, 768 x 12, 512 tokens)
 """
@@ -24,20 +25,20 @@ from torch.utils.data import DataLoader
 from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
 from bench.common import default_data, load, machine, reference_bert_config, report
-from transferpipe.modeling import count_parameters, pick_device, pretraining_model
+from transferpipe import flops
+from transferpipe.modeling import pick_device, pretraining_model
+from transferpipe.pretraining import objective
 from transferpipe.tokenization import pack_blocks
 from transferpipe.training import use_bf16
 
-# Dense bf16 peak FLOP/s by GPU name (no sparsity), for model-FLOPs utilization.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 
 
 def tokens_per_second(
-    model: torch.nn.Module, loader: DataLoader, steps: int, warmup: int, device: torch.device, bf16: bool
+    model: torch.nn.Module, loader: DataLoader, steps: int, warmup: int, device: torch.device, bf16: bool, fused: bool
 ) -> float:
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or device.type == "cuda")
     batches = iter(loader)
     tokens, start = 0, 0.0
     for step in range(warmup + steps):
@@ -58,17 +59,15 @@ def tokens_per_second(
     return tokens / (time.perf_counter() - start)
 
 
-def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: int) -> float:
-    embedding = sum(p.numel() for name, p in model.named_parameters() if "embeddings" in name)
-    return 6 * (count_parameters(model) - embedding) + 12 * layers * hidden * seq_len
-
-
-def mfu_line(name: str, tps: float, flops: float) -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
-    achieved = tps * flops
-    share = f", MFU {achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else ""
-    return f"  {name:<10} {achieved / 1e12:8.2f} TFLOP/s{share}"
+def utilization_lines(name: str, tps: float, config: object, block: int, predicted: float, head: float) -> str:
+    peak = flops.peak_bf16()
+    useful = flops.training_flops_per_token(config, block, predicted)
+    executed = flops.hardware_flops_per_token(config, block, predicted, head_fraction=head)
+    share = ""
+    if peak:
+        mfu, hfu = flops.mfu(tps, useful, peak), flops.mfu(tps, executed, peak)
+        share = f", MFU {mfu:.1%}, HFU {hfu:.1%} of {peak / 1e12:.0f} TFLOP/s"
+    return f"  {name:<10} {tps * useful / 1e12:8.2f} model TFLOP/s, {tps * executed / 1e12:8.2f} hardware{share}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     blocks = pack_blocks(tokenizer, texts, block).with_format("torch")
-    ours = pretraining_model(m, tokenizer)
-    ours_loader = DataLoader(blocks, batch_size=p.batch_size, shuffle=True, collate_fn=collator)
+    ours = objective(pretraining_model(m, tokenizer), tokenizer, p)
+    ours_loader = DataLoader(blocks.with_format("torch", columns=["input_ids"]), batch_size=p.batch_size, shuffle=True)
 
     padded = [
         tokenizer(t, truncation=True, max_length=block, padding="max_length", return_special_tokens_mask=True)
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cuda = device.type == "cuda"
     bf16 = use_bf16(args.precision or p.precision, device)
-    ours_tps = tokens_per_second(ours, ours_loader, args.steps, args.warmup, device, bf16=bf16)
-    ref_tps = tokens_per_second(reference, ref_loader, args.steps, args.warmup, device, bf16=False)
+    ours_tps = tokens_per_second(ours, ours_loader, args.steps, args.warmup, device, bf16=bf16, fused=True)
+    ref_tps = tokens_per_second(reference, ref_loader, args.steps, args.warmup, device, bf16=False, fused=False)
     print(
         f"machine: {machine()}; {args.steps} steps of {p.batch_size} x {block} tokens, "
         f"hidden {m.hidden_size}, {m.num_hidden_layers} layers, vocabulary {len(tokenizer)}; "
@@ -113,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     report("pretraining throughput", "tokens/s", ours_tps, ref_tps, target=2)
     if cuda:
-        print("model FLOPs (6N + attention per token)")
-        print(mfu_line("ours", ours_tps, flops_per_token(ours, m.num_hidden_layers, m.hidden_size, block)))
-        print(mfu_line("reference", ref_tps, flops_per_token(reference, m.num_hidden_layers, m.hidden_size, block)))
+        predicted = max(1, round(p.mlm_probability * block)) / block
+        print("FLOPs (transferpipe.flops: model FLOPs count useful work, hardware FLOPs what the kernels run)")
+        print(utilization_lines("ours", ours_tps, ours.model.config, block, predicted, head=predicted))
+        print(utilization_lines("reference", ref_tps, reference.config, block, p.mlm_probability, head=1.0))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from transferpipe.params import (
     load_section,
     to_flat_dict,
 )
-from transferpipe.pretraining import evaluate_untrained, pretrain
+from transferpipe.pretraining import evaluate_untrained, pretrain, utilization
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
 from transferpipe.training import seed_everything
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
             result = pretrain(model, tokenizer, blocks, params, run, device, checkpoints)
         else:
             result = evaluate_untrained(model, tokenizer, blocks, params, device)
+        # On a GPU: model and hardware FLOPs utilization against its bf16 peak (transferpipe.flops).
+        block_size = len(blocks["mlm_train"][0]["input_ids"]) if params.enabled else 0
+        used = utilization(model, params, block_size, result.tokens_per_second) if params.enabled else {}
         metrics = {
             "eval": {"loss": result.best["loss"], "perplexity": result.best["perplexity"]},
             "train": {
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped_steps": result.skipped_steps,
                 "parameters": count_parameters(model),
                 "checkpoint_seconds": round(result.checkpoint_seconds, 2),
+                **used,
             },
         }
         if not is_main():
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.write_curves(args.plots)
         with recording("pretrain", args.out):
             run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
+            run.log_metrics({f"train/{k}": v for k, v in used.items()})
             run.log_artifacts(args.out, "model")
     checkpoints.clear()  # everything is recorded: nothing left to resume
     print(f"pretrain: {metrics}")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
 
-from transferpipe import distributed
+from transferpipe import distributed, flops
 from transferpipe.checkpoint import Checkpoints
 from transferpipe.errors import UserError
 from transferpipe.modeling import is_causal_lm, param_groups
@@ -105,6 +105,24 @@ class NextTokenLM(nn.Module):
 def objective(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: PretrainParams) -> nn.Module:
     """The pretraining objective of `model`: next-token for a causal LM, masked LM otherwise."""
     return NextTokenLM(model) if is_causal_lm(model) else MaskedLM(model, tokenizer, params.mlm_probability)
+
+
+def utilization(
+    model: PreTrainedModel, params: PretrainParams, block_size: int, tokens_per_second: float
+) -> dict[str, float]:
+    """Model and hardware FLOPs utilization (MFU, HFU; transferpipe.flops) of pretraining at
+    `tokens_per_second`, on a GPU whose bf16 peak is known; empty elsewhere. The head runs on the predicted
+    positions only (MaskedLM gathers them), so it counts there in both."""
+    peak = flops.peak_bf16()
+    if peak is None:
+        return {}
+    if is_causal_lm(model):
+        predicted = 1 - 1 / block_size
+    else:
+        predicted = max(1, round(params.mlm_probability * block_size)) / block_size
+    useful = flops.training_flops_per_token(model.config, block_size, predicted)
+    executed = flops.hardware_flops_per_token(model.config, block_size, predicted, head_fraction=predicted)
+    return {"mfu": flops.mfu(tokens_per_second, useful, peak), "hfu": flops.mfu(tokens_per_second, executed, peak)}
 
 
 def held_out(blocks: datasets.DatasetDict, params: PretrainParams) -> datasets.Dataset:
