@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, TINY_PARAMS, make_corpus, tiny_params
+from tests.helpers import REPO, TINY_PARAMS, make_corpus, tiny_params
 
 
 def flags(**paths: Path) -> list[str]:

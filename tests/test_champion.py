@@ -16,7 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 from transferpipe import tracking
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams

@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_PARAMS
+from tests.helpers import TINY_PARAMS
 from transferpipe.cli import main
 
 EXPERIMENT = "transferpipe-test"  # tracking.experiment_name of the tiny profile

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS
+from tests.helpers import REPO, TINY_PARAMS
 from transferpipe.params import SECTIONS
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -128,7 +128,7 @@ def test_stages_import_the_package_code_beside_them(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import copy_repo
+    from tests.helpers import copy_repo
 
     copy_repo(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -10,7 +10,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from tests.conftest import TOPICS, make_corpus
+from tests.helpers import TOPICS, make_corpus
 from transferpipe.data import SPLITS, PreparedData, clean, normalize_text, prepare, read_prepared, split
 from transferpipe.errors import UserError
 from transferpipe.params import PrepareParams

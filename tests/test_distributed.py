@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
 from stages import finetune, pretrain
-from tests.conftest import REPO, make_corpus, tiny_params
-from tests.test_stages import files_in, run_short
+from tests.helpers import REPO, files_in, make_corpus, run_short, tiny_params
 from transferpipe import distributed
 
 # The tiny profile, long enough for the loss to move: 20 steps of global batches of 8 blocks.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import TOPICS, make_corpus
+from tests.helpers import TOPICS, make_corpus
 from transferpipe.evaluation import classification_metrics, confusion, confusion_rows, tfidf_logreg
 from transferpipe.params import EvaluateParams
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import committed_tiny_repo
+from tests.helpers import committed_tiny_repo
 
 pytestmark = pytest.mark.slow
 

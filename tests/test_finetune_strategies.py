@@ -10,7 +10,7 @@ import datasets
 import pytest
 from transformers import PreTrainedModel
 
-from tests.test_modeling import LABELS, classifier, encoder_dir, tokenizer  # noqa: F401 (fixtures)
+from tests.helpers import run_short, tiny_params
 from transferpipe.errors import UserError
 from transferpipe.finetuning import subsample_per_class
 from transferpipe.modeling import (
@@ -88,9 +88,6 @@ def test_labels_per_class_param_takes_all_or_an_integer() -> None:
 
 def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Path, mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
-
-    from tests.conftest import tiny_params
-    from tests.test_stages import run_short
 
     params = str(
         tiny_params(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, clean_env
+from tests.helpers import REPO, clean_env
 from transferpipe import io
 from transferpipe.io import atomic_dir, read_json, temp_sibling_dir, write_csv, write_json, write_text_atomic
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from transferpipe.errors import UserError
 from transferpipe.label_efficiency import Experiment, summarize
 

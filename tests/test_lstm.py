@@ -23,8 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tests.conftest import make_corpus, tiny_params
-from tests.test_stages import dvc_commands
+from tests.helpers import dvc_commands, tiny_params
 from transferpipe.lstm import LSTMConfig, LSTMForCausalLM, LSTMForSequenceClassification
 from transferpipe.modeling import (
     encoder_layers,
@@ -39,27 +38,22 @@ from transferpipe.modeling import (
 )
 from transferpipe.params import ModelParams, PretrainParams
 from transferpipe.pretraining import NextTokenLM, held_out_batches, held_out_loss, objective
-from transferpipe.tokenization import pack_blocks, train_wordpiece
+from transferpipe.tokenization import pack_blocks
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 TINY = ModelParams(architecture="lstm", hidden_size=32, num_hidden_layers=3)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return train_wordpiece([row["text"] for row in make_corpus()], vocab_size=150, min_frequency=1, lowercase=True)
-
-
 @pytest.fixture
-def lm(tokenizer: PreTrainedTokenizerFast) -> LSTMForCausalLM:
+def lm(tiny_tokenizer: PreTrainedTokenizerFast) -> LSTMForCausalLM:
     torch.manual_seed(0)
-    return pretraining_model(TINY, tokenizer)
+    return pretraining_model(TINY, tiny_tokenizer)
 
 
 @pytest.fixture
-def lm_dir(tmp_path: Path, lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> Path:
+def lm_dir(tmp_path: Path, lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
     lm.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
     return tmp_path / "lm"
 
 
@@ -74,11 +68,11 @@ def texts_batch(tokenizer: PreTrainedTokenizerFast, **kwargs) -> dict[str, torch
 
 
 def test_pretraining_model_is_a_tied_next_token_lm_sized_by_params(
-    lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast
+    lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     assert type(lm) is LSTMForCausalLM and is_causal_lm(lm)
-    assert (lm.config.vocab_size, lm.config.hidden_size, lm.config.num_hidden_layers) == (len(tokenizer), 32, 3)
-    assert lm.config.pad_token_id == tokenizer.pad_token_id
+    assert (lm.config.vocab_size, lm.config.hidden_size, lm.config.num_hidden_layers) == (len(tiny_tokenizer), 32, 3)
+    assert lm.config.pad_token_id == tiny_tokenizer.pad_token_id
     assert lm.lm_head.weight is lm.lstm.embeddings.weight  # ULMFiT ties the output projection to the input
     assert [type(layer).__name__ for layer in encoder_layers(lm)] == ["LSTM"] * 3
     # Cells start remembering: forget-gate biases are 1, the others 0.
@@ -86,23 +80,25 @@ def test_pretraining_model_is_a_tied_next_token_lm_sized_by_params(
     assert torch.equal(bias[32:64], torch.ones(32)) and torch.equal(bias[:32], torch.zeros(32))
 
 
-def test_lm_forward_shapes_and_shifted_loss(lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-    batch = texts_batch(tokenizer)
+def test_lm_forward_shapes_and_shifted_loss(lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    batch = texts_batch(tiny_tokenizer)
     out = lm(**batch, labels=batch["input_ids"])
-    assert out.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tiny_tokenizer))
     # Logits at t predict token t+1; padding (attention_mask 0) is never a target.
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, len(tokenizer)), labels.reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, len(tiny_tokenizer)), labels.reshape(-1)
+    )
     assert torch.allclose(out.loss, expected)
     # An untrained model guesses about uniformly: the loss is near log(vocab size).
-    assert abs(out.loss.item() - math.log(len(tokenizer))) < 0.5
+    assert abs(out.loss.item() - math.log(len(tiny_tokenizer))) < 0.5
 
 
-def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     """A repeated sentence is predictable only from context ("the" precedes three different words)."""
     texts = ["The bank said shares rose in the market and the team won the cup."] * 20
-    blocks = pack_blocks(tokenizer, texts, block_size=16)
-    objective_ = objective(lm, tokenizer, PretrainParams())
+    blocks = pack_blocks(tiny_tokenizer, texts, block_size=16)
+    objective_ = objective(lm, tiny_tokenizer, PretrainParams())
     assert isinstance(objective_, NextTokenLM)  # the model shifts the inputs; no masks
     batches = held_out_batches(blocks.select(range(16)), objective_, batch_size=16, seed=0)
     assert list(batches[0]) == ["input_ids"]
@@ -118,10 +114,10 @@ def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tokenizer: PreTrainedTo
 
 
 def test_held_out_loss_averages_over_next_token_predictions(
-    lm: LSTMForCausalLM, tokenizer: PreTrainedTokenizerFast
+    lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     """Batches of different sizes are weighted by their predicted tokens: seq_len - 1 per block."""
-    ids = torch.randint(5, len(tokenizer), (5, 12))
+    ids = torch.randint(5, len(tiny_tokenizer), (5, 12))
     with torch.no_grad():
         whole = lm(input_ids=ids, labels=ids).loss.item()
     split = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
@@ -146,13 +142,16 @@ def test_save_and_load_through_the_auto_classes(lm: LSTMForCausalLM, lm_dir: Pat
 
 
 def test_sequence_classifier_keeps_the_pretrained_lstm_and_round_trips(
-    lm: LSTMForCausalLM, classifier: LSTMForSequenceClassification, tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+    lm: LSTMForCausalLM,
+    classifier: LSTMForSequenceClassification,
+    tmp_path: Path,
+    tiny_tokenizer: PreTrainedTokenizerFast,
 ) -> None:
     assert type(classifier) is LSTMForSequenceClassification
     assert classifier.config.id2label == dict(enumerate(LABELS))
     for name, tensor in encoder_of(lm).state_dict().items():
         assert torch.equal(encoder_of(classifier).state_dict()[name], tensor), name
-    batch = texts_batch(tokenizer)
+    batch = texts_batch(tiny_tokenizer)
     logits = classifier.eval()(**batch).logits
     assert logits.shape == (3, len(LABELS))
     classifier.save_pretrained(tmp_path / "clf")
@@ -166,27 +165,23 @@ def test_sequence_classifier_keeps_the_pretrained_lstm_and_round_trips(
 
 
 def test_classifier_logits_do_not_depend_on_right_padding(
-    classifier: LSTMForSequenceClassification, tokenizer: PreTrainedTokenizerFast
+    classifier: LSTMForSequenceClassification, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     classifier.eval()
     texts = ["Bank shares rose in the market.", "A film."]
-    alone = torch.cat([classifier(**tokenizer([t], return_tensors="pt")).logits for t in texts])
-    padded = classifier(**tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")).logits
+    alone = torch.cat([classifier(**tiny_tokenizer([t], return_tensors="pt")).logits for t in texts])
+    padded = classifier(**tiny_tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")).logits
     assert torch.allclose(alone, padded, atol=1e-6)
     # Max and mean pooling skip padding too: a classifier that only saw the last state would pass the above.
-    batch = tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
+    batch = tiny_tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
     hidden = classifier.lstm(batch["input_ids"]).last_hidden_state
     assert hidden[1, 10:].abs().sum() > 0  # the LSTM does run over the padding: the mask matters
 
 
 def test_classifier_refuses_left_padding(
-    classifier: LSTMForSequenceClassification, tokenizer: PreTrainedTokenizerFast
+    classifier: LSTMForSequenceClassification, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    tokenizer.padding_side = "left"
-    try:
-        batch = texts_batch(tokenizer)
-    finally:
-        tokenizer.padding_side = "right"
+    batch = texts_batch(tiny_tokenizer, padding_side="left")  # the shared tiny_tokenizer itself stays right-padding
     with pytest.raises(ValueError, match="right padding"):
         classifier(**batch)
 

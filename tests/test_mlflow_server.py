@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from stages import evaluate, finetune, prepare, pretrain, tokenize
-from tests.conftest import REPO, make_corpus, tiny_params, wait_for_http
+from tests.helpers import REPO, make_corpus, tiny_params, wait_for_http
 from transferpipe import tracking
 from transferpipe.data import read_prepared
 from transferpipe.params import TrackingParams

@@ -18,7 +18,8 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tests.conftest import make_corpus
+from tests.helpers import ENCODER_ARCHITECTURES as ARCHITECTURES
+from tests.helpers import TINY_ENCODER as TINY
 from transferpipe.errors import UserError
 from transferpipe.modeling import (
     PADDING_SAFE,
@@ -31,39 +32,7 @@ from transferpipe.modeling import (
     padding_safe_sdpa_mask,
     param_groups,
     pretraining_model,
-    sequence_classifier,
 )
-from transferpipe.params import ModelParams
-from transferpipe.tokenization import train_wordpiece
-
-ARCHITECTURES = ["modernbert", "bert"]
-LABELS = ["business", "sport", "tech"]
-TINY = ModelParams(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    texts = [row["text"] for row in make_corpus()]
-    return train_wordpiece(texts, vocab_size=150, min_frequency=1, lowercase=True)
-
-
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def encoder_dir(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast
-) -> Path:
-    """A tiny MLM encoder of each architecture, saved as a pretrained checkpoint."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp(request.param)
-    pretraining_model(dataclasses.replace(TINY, architecture=request.param), tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def classifier(encoder_dir: Path) -> PreTrainedModel:
-    return sequence_classifier(encoder_dir, LABELS, classifier_dropout=0.1)
 
 
 def mlm_batch(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
@@ -80,62 +49,62 @@ def mlm_batch(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("architecture", "config_class"), [("modernbert", ModernBertConfig), ("bert", BertConfig)])
 def test_new_encoder_config_takes_sizes_from_params(
-    tokenizer: PreTrainedTokenizerFast, architecture: str, config_class: type
+    tiny_tokenizer: PreTrainedTokenizerFast, architecture: str, config_class: type
 ) -> None:
-    config = new_encoder_config(dataclasses.replace(TINY, architecture=architecture), tokenizer)
+    config = new_encoder_config(dataclasses.replace(TINY, architecture=architecture), tiny_tokenizer)
     assert type(config) is config_class
-    assert config.vocab_size == len(tokenizer)
-    assert config.pad_token_id == tokenizer.pad_token_id
+    assert config.vocab_size == len(tiny_tokenizer)
+    assert config.pad_token_id == tiny_tokenizer.pad_token_id
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 2)
     assert (config.intermediate_size, config.max_position_embeddings) == (64, 64)
 
 
-def test_new_encoder_config_rejects_heads_not_dividing_hidden_size(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_new_encoder_config_rejects_heads_not_dividing_hidden_size(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(UserError, match=r"model\.hidden_size 30 must be a multiple of model\.num_attention_heads 4"):
-        new_encoder_config(dataclasses.replace(TINY, hidden_size=30, num_attention_heads=4), tokenizer)
+        new_encoder_config(dataclasses.replace(TINY, hidden_size=30, num_attention_heads=4), tiny_tokenizer)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_masked_lm_forward_gives_a_finite_loss(tokenizer: PreTrainedTokenizerFast, architecture: str) -> None:
+def test_masked_lm_forward_gives_a_finite_loss(tiny_tokenizer: PreTrainedTokenizerFast, architecture: str) -> None:
     torch.manual_seed(0)
-    model = pretraining_model(dataclasses.replace(TINY, architecture=architecture), tokenizer)
-    output = model(**mlm_batch(tokenizer))
+    model = pretraining_model(dataclasses.replace(TINY, architecture=architecture), tiny_tokenizer)
+    output = model(**mlm_batch(tiny_tokenizer))
     assert output.loss.ndim == 0
     assert torch.isfinite(output.loss)
     # An untrained model guesses about uniformly: the loss is near log(vocab size).
-    assert abs(output.loss.item() - torch.log(torch.tensor(len(tokenizer))).item()) < 1.5
+    assert abs(output.loss.item() - torch.log(torch.tensor(len(tiny_tokenizer))).item()) < 1.5
     output.loss.backward()
     assert model.get_input_embeddings().weight.grad is not None
 
 
-def test_masked_lm_continues_from_a_checkpoint(encoder_dir: Path, tokenizer: PreTrainedTokenizerFast) -> None:
-    model = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
+def test_masked_lm_continues_from_a_checkpoint(encoder_dir: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tiny_tokenizer)
     assert model.config.hidden_size == 32
-    assert torch.isfinite(model(**mlm_batch(tokenizer)).loss)
+    assert torch.isfinite(model(**mlm_batch(tiny_tokenizer)).loss)
 
 
 def test_masked_lm_from_a_missing_checkpoint_is_a_user_error(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerFast
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     with pytest.raises(UserError, match="could not load a model to pretrain"):
-        pretraining_model(dataclasses.replace(TINY, checkpoint=str(tmp_path / "missing")), tokenizer)
+        pretraining_model(dataclasses.replace(TINY, checkpoint=str(tmp_path / "missing")), tiny_tokenizer)
 
 
 def test_sequence_classifier_carries_label_names_and_the_pretrained_encoder(
-    encoder_dir: Path, classifier: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
+    encoder_dir: Path, classifier: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     assert classifier.config.num_labels == 3
     assert classifier.config.id2label == {0: "business", 1: "sport", 2: "tech"}
     assert classifier.config.label2id == {"business": 0, "sport": 1, "tech": 2}
     assert classifier.config.classifier_dropout == 0.1
     # The encoder weights are the saved ones, not a fresh initialisation.
-    mlm = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tokenizer)
+    mlm = pretraining_model(dataclasses.replace(TINY, checkpoint=str(encoder_dir)), tiny_tokenizer)
     saved = encoder_of(mlm).state_dict()
     loaded = encoder_of(classifier).state_dict()
     assert set(saved) <= set(loaded)  # BERT's classifier adds a pooler the MLM model lacks
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
-    batch = tokenizer(["Bank shares rose.", "A goal."], padding=True, return_tensors="pt")
+    batch = tiny_tokenizer(["Bank shares rose.", "A goal."], padding=True, return_tensors="pt")
     assert classifier(**batch).logits.shape == (2, 3)
 
 

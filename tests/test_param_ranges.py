@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from stages import evaluate, finetune, pretrain, tokenize
-from tests.conftest import REPO, TINY_PARAMS, make_corpus
+from tests.helpers import REPO, TINY_PARAMS, make_corpus
 from transferpipe.data import per_class_indices
 from transferpipe.errors import UserError, run_cli
 from transferpipe.params import SECTIONS, Range, TokenizeParams, check_params_file, load_params

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, tiny_params
+from tests.helpers import REPO, TINY_PARAMS, tiny_params
 from transferpipe.errors import UserError
 from transferpipe.params import (
     SECTIONS,

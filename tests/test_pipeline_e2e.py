@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_PARAMS, copy_repo
+from tests.helpers import REPO, TINY_PARAMS, copy_repo
 
 pytestmark = pytest.mark.slow
 

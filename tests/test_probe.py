@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_params
-from tests.test_stages import run_short
+from tests.helpers import run_short, tiny_params
 from transferpipe.cli import main
 from transferpipe.errors import UserError
 from transferpipe.probe import linear_probe

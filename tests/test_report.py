@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from stages import prepare, pretrain, tokenize
-from tests.conftest import REPO, tiny_params
+from tests.helpers import REPO, tiny_params
 from transferpipe.checkpoint import CHECKPOINT_DIR, Checkpoints
 
 pytestmark = pytest.mark.slow

@@ -22,9 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import make_corpus, tiny_params, wait_for_http
-from tests.test_stages import dvc_commands
-from tests.test_tracking import tiny_classifier
+from tests.helpers import dvc_commands, make_corpus, tiny_params, wait_for_http
 from transferpipe.errors import UserError
 from transferpipe.inference import predict_texts
 from transferpipe.serving import texts_of
@@ -37,11 +35,11 @@ LONG = "bank shares market profit economy film music star award match goal team 
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+def classifier(tiny_classifier_dir: Path) -> tuple:
     """A tiny untrained BERT classifier with label names (64 positions) and its tokenizer."""
-    folder = tiny_classifier(tmp_path_factory.mktemp("clf") / "clf")
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(folder).eval(), load_tokenizer(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
+    return model, load_tokenizer(tiny_classifier_dir)
 
 
 def window_by_hand(tokenizer, text: str, width: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import TOPICS, make_corpus
+from tests.helpers import TOPICS, make_corpus
 from transferpipe import sources
 from transferpipe.data import HashSet, clean, normalize_label, prepare, read_prepared
 from transferpipe.errors import UserError
@@ -298,7 +298,7 @@ def test_editing_one_row_of_a_csv_source_reruns_prepare_and_what_follows(tmp_pat
 
     import yaml
 
-    from tests.conftest import committed_tiny_repo
+    from tests.helpers import committed_tiny_repo
 
     root = tmp_path / "repo"
     root.mkdir()

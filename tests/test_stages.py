@@ -5,59 +5,20 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import shlex
 from pathlib import Path
 
 import datasets
 import mlflow
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
+from transformers import PreTrainedTokenizerFast
 
-from stages import finetune, prepare, pretrain, tokenize
-from tests.conftest import REPO, tiny_params
+from stages import finetune, pretrain
+from tests.helpers import dvc_commands, files_in, run_short, tiny_params
 from transferpipe.sources import sha256_of
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
-
-
-def files_in(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-
-
-def dvc_commands() -> list[tuple[str, list[str]]]:
-    """(stage module, argv) of every stage in dvc.yaml, in order, foreach stages expanded: the tests run
-    exactly the commands `dvc repro` runs."""
-    commands = []
-    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
-        if "foreach" in stage:
-            cmds = [stage["do"]["cmd"].replace("${item}", item) for item in stage["foreach"]]
-        else:
-            cmds = [stage["cmd"]]
-        for cmd in cmds:
-            words = shlex.split(cmd)
-            assert words[:2] == ["python", "-m"], cmd
-            commands.append((words[2], words[3:]))
-    return commands
-
-
-def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
-    """The stages up to `through` on params, writing to short paths under d (p, tok, b, t, m, s, f); returns the
-    last stage's metrics (finetune: of the pretrained variant)."""
-    order = ["prepare", "tokenize", "pretrain", "finetune"]
-    argv = {
-        "prepare": ["--out", f"{d}/p", "--stats", f"{d}/s.json"],
-        "tokenize": ["--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--blocks", f"{d}/b", "--out", f"{d}/t"],
-        "pretrain": ["--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/m", "--scratch", f"{d}/s",
-                     "--metrics", f"{d}/m.json", "--plots", f"{d}/pl"],
-        "finetune": ["--data", f"{d}/t", "--encoder", f"{d}/m", "--out", f"{d}/f",
-                     "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"],
-    }  # fmt: skip
-    modules = {"prepare": prepare, "tokenize": tokenize, "pretrain": pretrain, "finetune": finetune}
-    for name in order[: order.index(through) + 1]:
-        metrics = modules[name].main(["--params", params, *argv[name]])
-    return metrics
 
 
 @pytest.fixture
@@ -251,18 +212,14 @@ def test_tracking_disabled_writes_no_store(tmp_path: Path, tiny_csv: Path, monke
 
 
 def test_start_from_a_local_checkpoint_with_pretraining_skipped(
-    tmp_path: Path, tiny_csv: Path, mlflow_uri: str
+    tmp_path: Path, tiny_csv: Path, mlflow_uri: str, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
     """model.checkpoint: its tokenizer is reused by tokenize, and pretrain.enabled false saves it untrained."""
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    from tests.conftest import make_corpus
-    from transferpipe.tokenization import train_wordpiece
-
     ckpt = tmp_path / "my-bert"
-    tok = train_wordpiece([r["text"] for r in make_corpus()], 200, 1, True)
     config = BertConfig(
-        vocab_size=len(tok),
+        vocab_size=len(tiny_tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -270,7 +227,7 @@ def test_start_from_a_local_checkpoint_with_pretraining_skipped(
         max_position_embeddings=64,
     )
     BertForMaskedLM(config).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    tiny_tokenizer.save_pretrained(ckpt)
 
     params = str(
         tiny_params(

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from stages import prepare, tokenize
-from tests.conftest import make_corpus, tiny_params
+from tests.helpers import make_corpus, tiny_params
 from transferpipe.data import parquet_as_dataset
 from transferpipe.errors import UserError
 from transferpipe.tokenization import (
@@ -314,7 +314,7 @@ def test_a_classification_window_param_leaves_the_tokenizer_and_blocks_so_pretra
 
     import yaml
 
-    from tests.conftest import committed_tiny_repo
+    from tests.helpers import committed_tiny_repo
 
     root = tmp_path / "repo"
     root.mkdir()

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TOPICS
+from tests.helpers import REPO, TOPICS
 from transferpipe import tracking
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
@@ -232,31 +232,10 @@ print(run.run_id)
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
-def tiny_classifier(folder: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from tests.conftest import TOPICS, make_corpus
-    from transferpipe.tokenization import train_wordpiece
-
-    tok = train_wordpiece([r["text"] for r in make_corpus()], 200, 1, True)
-    labels = sorted(TOPICS)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def test_logged_classifier_is_registered_with_alias_candidate_only_when_named(tmp_path: Path, mlflow_uri: str) -> None:
-    model_dir = tiny_classifier(tmp_path / "clf")
+def test_logged_classifier_is_registered_with_alias_candidate_only_when_named(
+    tiny_classifier_dir: Path, mlflow_uri: str
+) -> None:
+    model_dir = tiny_classifier_dir
     with tracking.start_run("finetune", PARAMS) as run:
         assert run.log_text_classifier(model_dir, ["bank shares", "film music"], TextClassifier(), None) is None
     client = MlflowClient(mlflow_uri)
