@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,26 @@ def test_readme_gpu_command_sets_what_bench_gpu_scale_runs() -> None:
     command = readme[readme.index("## On a GPU") :].split("```bash")[2].split("```")[0]
     pairs = dict(re.findall(r"-S ([\w.]+)=(\S+)", command))
     assert {key: yaml.safe_load(value) for key, value in pairs.items()} == GPU_SCALE
+
+
+def check_workflows(*paths: Path) -> subprocess.CompletedProcess:
+    """GitHub's workflow schema, as check-jsonschema ships it (offline)."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
+    return subprocess.run([*command, *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def test_every_workflow_validates_against_githubs_schema(tmp_path: Path) -> None:
+    workflows = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+    assert workflows
+    proc = check_workflows(*workflows)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "broken.yml"  # the check can fail: steps must be a list
+    broken.write_text("name: x\non: pull_request\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps: 3\n")
+    assert check_workflows(broken).returncode == 1
+
+
+def test_the_pull_request_workflow_lints_and_runs_the_fast_tests_before_the_report() -> None:
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "pull-request.yml").read_text())
+    runs = [step.get("run", "").strip() for step in workflow["jobs"]["report"]["steps"]]
+    assert "make lint" in runs and "make test-fast" in runs
+    assert runs.index("make test-fast") < next(i for i, r in enumerate(runs) if r.startswith("transferpipe report"))
