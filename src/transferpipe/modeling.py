@@ -62,8 +62,8 @@ def padding_safe_attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """SDPA on CUDA; on the CPU plain matrix products, which train our short sequences faster than PyTorch's
-    CPU flash kernel (its backward dominated a fine-tuning step: 259 against 207 ms per step, 256 x 4, batch
-    16 x 128, bf16). `attention_mask` is padding_safe_sdpa_mask's (True: attend)."""
+    CPU flash kernel, whose backward dominated a fine-tuning step (docs/LOG.md, 2026-12-02).
+    `attention_mask` is padding_safe_sdpa_mask's (True: attend)."""
     if query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)

@@ -50,11 +50,12 @@ class MaskedLM(nn.Module):
         special = torch.isin(input_ids, self.special_ids.to(input_ids.device))
         scores = torch.rand(input_ids.shape, device=input_ids.device).masked_fill(special, 2.0)
         positions = scores.topk(k, dim=1, largest=False).indices
-        targets = input_ids.gather(1, positions).masked_fill(special.gather(1, positions), -100)
+        original = input_ids.gather(1, positions)
+        targets = original.masked_fill(special.gather(1, positions), -100)
         draw = torch.rand(positions.shape, device=input_ids.device)
         random_tokens = torch.randint(self.vocab_size, positions.shape, device=input_ids.device)
-        replaced = torch.where(draw < 0.8, self.mask_token_id, torch.where(draw < 0.9, random_tokens, targets))
-        replaced = torch.where(targets == -100, input_ids.gather(1, positions), replaced)
+        replaced = torch.where(draw < 0.8, self.mask_token_id, torch.where(draw < 0.9, random_tokens, original))
+        replaced = torch.where(targets == -100, original, replaced)  # a drawn special token stays itself
         return {"input_ids": input_ids.scatter(1, positions, replaced), "positions": positions, "targets": targets}
 
     def forward(
