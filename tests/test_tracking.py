@@ -67,8 +67,11 @@ def test_exception_ends_the_run_failed(mlflow_uri: str) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_ends_the_run_killed_with_one_line(tmp_path: Path, mlflow_uri: str, signum: int) -> None:
+    # A child of a process that ignores SIGINT (a background job of a non-interactive shell, some CI runners)
+    # inherits SIG_IGN, and Python then leaves Ctrl-C ignored; give the child the handler a terminal gives it.
     script = f"""
 import os, signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from transferpipe.errors import run_cli
 from transferpipe.tracking import start_run
 from transferpipe.params import TrackingParams
