@@ -176,3 +176,14 @@ def test_the_pull_request_workflow_lints_and_runs_the_fast_tests_before_the_repo
     runs = [step.get("run", "").strip() for step in workflow["jobs"]["report"]["steps"]]
     assert "make lint" in runs and "make test-fast" in runs
     assert runs.index("make test-fast") < next(i for i, r in enumerate(runs) if r.startswith("transferpipe report"))
+
+
+def test_the_pull_request_comment_carries_the_reports_figures() -> None:
+    """The comment is CML's, which uploads the PNGs the report links; no step strips the image links."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "pull-request.yml").read_text())
+    steps = workflow["jobs"]["report"]["steps"]
+    assert any(step.get("uses", "").startswith("iterative/setup-cml@") for step in steps)
+    runs = [step.get("run", "") for step in steps]
+    (comment,) = [r for r in runs if "cml comment" in r]
+    assert "cml comment update" in comment and "--publish" in comment and "report.md" in comment
+    assert not any("sed" in r and "report.md" in r for r in runs)

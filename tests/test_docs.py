@@ -3,11 +3,16 @@ links, and no references to this project's issues."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+
+from transferpipe import params as params_module
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -60,6 +65,52 @@ def test_every_params_key_has_an_entry_in_the_params_reference() -> None:
     assert len(keys) > 50
     missing = [key for key in keys if f"`{key}`" not in reference]
     assert not missing, f"params keys without an entry in docs/params.md: {missing}"
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """The string under each field of a params dataclass (litgpt's args.py style), read from the source."""
+    (node,) = [
+        n for n in ast.parse(Path(params_module.__file__).read_text()).body if getattr(n, "name", "") == cls.__name__
+    ]
+    docs = {}
+    for field, after in zip(node.body, [*node.body[1:], None], strict=True):
+        if isinstance(field, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def allowed_values(field: dataclasses.Field, hint: object) -> str:
+    """The range column of docs/params.md as the field declares it: `ranged(...)` bounds, Literal options, or -."""
+    bounds = field.metadata.get("range")
+    if bounds is not None:
+        text = (str(bounds) + params_module._alternatives(hint)).replace(str(2**32), "2^32")
+        return re.sub(r"'(\w+)'", r"`\1`", text)
+    if typing.get_origin(hint) is typing.Literal:
+        return ", ".join(f"`{value}`" for value in typing.get_args(hint))
+    return "-"
+
+
+def test_every_params_field_has_a_docstring_and_the_reference_row_agrees() -> None:
+    """One description per key: the docstring under its field is the params reference's text, and the row's
+    default and range are those of params.yaml and of the field's declaration."""
+    reference = (REPO / "docs" / "params.md").read_text(encoding="utf-8")
+    rows = {
+        m[1]: m.groups()[1:] for m in re.finditer(r"^\| `([\w.]+)` \| `?(.*?)`? \| (.*?) \| (.*) \|$", reference, re.M)
+    }
+    committed = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    wrong = []
+    for section, cls in params_module.SECTIONS.items():
+        docs, hints = field_docstrings(cls), typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            key = f"{section}.{field.name}"
+            default, allowed, text = rows[key]
+            if docs.get(field.name) != " ".join(text.split()):
+                wrong.append(f"{key}: docstring {docs.get(field.name)!r} against the reference's {text!r}")
+            if yaml.safe_load(default) != committed[section][field.name]:
+                wrong.append(f"{key}: default {default} against params.yaml's {committed[section][field.name]!r}")
+            if allowed != allowed_values(field, hints[field.name]):
+                wrong.append(f"{key}: range {allowed} against the declared {allowed_values(field, hints[field.name])}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_readme_setup_commands_are_makefile_targets() -> None:

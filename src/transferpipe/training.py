@@ -168,6 +168,14 @@ class _Progress:
     meter: tuple[float, float, float] = (0.0, 0.0, 0.0)  # LossMeter.state()
     pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # MLflow rows not yet sent
 
+    def count(self, epoch: int, batch: dict[str, torch.Tensor]) -> None:
+        """One more batch of `epoch`: where the loop stands in it, and the tokens and examples trained on."""
+        self.position = self.position + 1 if epoch == self.epoch else 1
+        self.epoch = epoch
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.examples += len(batch["input_ids"])
+
 
 def _batches(loader: DataLoader, epoch: int = 0, skip: int = 0) -> Iterator[tuple[int, dict]]:
     """Endless (epoch, batch) pairs from `epoch` on, its first `skip` batches left out: every pass re-shuffles
@@ -245,6 +253,12 @@ class _Recorder:
         if self.main:
             tqdm.write(line)
 
+    def resumed(self, total_steps: int) -> None:
+        """A resumed run: send MLflow the rows the checkpoint held back, and say where training continues."""
+        self.run.log_rows_once(self.progress.pending)
+        self.progress.pending = []
+        self.say(f"resuming {self.desc} from step {self.progress.step} of {total_steps}")
+
     def train_row(self, step: int, meter: LossMeter, learning_rate: float, bar: tqdm) -> None:
         # Over ranks: the global batch's loss. A window of skipped steps only has no loss (NaN).
         row = {"step": step, "loss": distributed.all_mean(meter.window(), self.device), "learning_rate": learning_rate}
@@ -267,6 +281,42 @@ class _Recorder:
         self.log({**evals, **{f"train/{k}": v for k, v in throughput.items()}}, step)
         self.say(f"{self.desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return row
+
+    def evaluate(self, step: int, epoch: int, model: torch.nn.Module, train_model: torch.nn.Module,
+                 evaluate: Callable[[], dict[str, float]], start: float) -> bool:  # fmt: skip
+        """Run evaluate() with the training model in eval mode (its time left out of throughput), record the
+        row, and let the early stopping see `model`; True when training should stop."""
+        evaluating = time.perf_counter()
+        train_model.eval()
+        metrics = evaluate()
+        train_model.train()
+        self.progress.excluded += time.perf_counter() - evaluating
+        row = self.eval_row(step, epoch, metrics, time.perf_counter() - start - self.progress.excluded)
+        stopping = self.progress.stopping
+        stop = stopping.update(row, model)
+        if stop:
+            self.result.stopped_early = True
+            self.say(f"{self.desc}: no better {stopping.monitor} for {stopping.patience} evaluations, "
+                     f"stopping at step {step}")  # fmt: skip
+        return stop
+
+    def finish(self, model: torch.nn.Module, step: int, meter: LossMeter, start: float) -> FitResult:
+        """The result after the last step: throughput over ranks, the best weights restored into `model`, the
+        final checkpoint (or the last MLflow rows)."""
+        result, progress = self.result, self.progress
+        result.steps, result.seconds = step, time.perf_counter() - start
+        result.skipped_steps = meter.skipped()
+        tokens, examples = distributed.all_sum([progress.tokens, progress.examples], self.device)
+        trained = max(result.seconds - progress.excluded, 1e-9)
+        result.tokens_per_second, result.examples_per_second = tokens / trained, examples / trained
+        result.best = progress.stopping.best_row
+        progress.stopping.restore_best(model)
+        model.eval()
+        if self.checkpoints is not None:
+            self.checkpoint(True, {"model": model.state_dict()}, meter, result.seconds)
+        else:
+            self.flush()
+        return result
 
     def checkpoint(self, finished: bool, content: dict, meter: LossMeter, elapsed: float) -> None:
         """Save the whole state (`content`: the model's, and optimizer's and scheduler's unless `finished`),
@@ -328,15 +378,10 @@ def fit(
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     result, progress = FitResult(steps=0, seconds=0.0), _Progress(stopping or EarlyStopping())
     if state is not None:
-        for part, saved in [(model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")]:
-            part.load_state_dict(state[saved])
-        result, progress = state["result"], state["progress"]
-        checkpoints.restore_rng()
+        result, progress = _restore(state, checkpoints, model, optimizer, scheduler)
     recorder = _Recorder(run, result, progress, checkpoints, desc, device)
     if state is not None:
-        run.log_rows_once(progress.pending)
-        progress.pending = []
-        recorder.say(f"resuming {desc} from step {progress.step} of {total_steps}")
+        recorder.resumed(total_steps)
 
     # Gradual unfreezing leaves frozen parameters without gradients, which DDP must be told to expect.
     train_model = distributed.wrap(model, device, find_unused_parameters=on_epoch is not None)
@@ -354,55 +399,33 @@ def fit(
         last_epoch, (epoch, batch) = epoch, next(batches)
         if epoch != last_epoch and on_epoch is not None:
             on_epoch(epoch)
-        progress.position = progress.position + 1 if epoch == progress.epoch else 1
-        progress.epoch = epoch
-        progress.tokens += (
-            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        )
-        progress.examples += len(batch["input_ids"])
+        progress.count(epoch, batch)  # on the host, before the batch moves
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        train_step(
-            train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16, compute_loss=compute_loss
-        )
+        train_step(train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16,
+                   compute_loss=compute_loss)  # fmt: skip
         scheduler.step()
         progress.step = step
         bar.update(1)
-        if step % log_every == 0 or step == total_steps:
+        last = step == total_steps
+        if step % log_every == 0 or last:
             recorder.train_row(step, meter, scheduler.get_last_lr()[0], bar)
-        if step % eval_every == 0 or step == total_steps:
-            evaluating = time.perf_counter()
-            train_model.eval()
-            metrics = evaluate()
-            train_model.train()
-            progress.excluded += time.perf_counter() - evaluating
-            row = recorder.eval_row(step, epoch, metrics, time.perf_counter() - start - progress.excluded)
-            if progress.stopping.update(row, model):
-                result.stopped_early = True
-                recorder.say(f"{desc}: no better {progress.stopping.monitor} for {progress.stopping.patience} "
-                             f"evaluations, stopping at step {step}")  # fmt: skip
-                break
-        if checkpoints is not None and checkpoints.due(step) and step < total_steps:
-            content = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-            }
+        if (step % eval_every == 0 or last) and recorder.evaluate(step, epoch, model, train_model, evaluate, start):
+            break  # stopped early
+        if checkpoints is not None and checkpoints.due(step) and not last:
+            content = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict()}  # fmt: skip
             recorder.checkpoint(False, content, meter, time.perf_counter() - start)
     bar.close()
+    return recorder.finish(model, step, meter, start)
 
-    result.steps, result.seconds = step, time.perf_counter() - start
-    result.skipped_steps = meter.skipped()
-    tokens, examples = distributed.all_sum([progress.tokens, progress.examples], device)
-    trained = max(result.seconds - progress.excluded, 1e-9)
-    result.tokens_per_second, result.examples_per_second = tokens / trained, examples / trained
-    result.best = progress.stopping.best_row
-    progress.stopping.restore_best(model)
-    model.eval()
-    if checkpoints is not None:
-        recorder.checkpoint(True, {"model": model.state_dict()}, meter, result.seconds)
-    else:
-        recorder.flush()
-    return result
+
+def _restore(state: dict, checkpoints: Checkpoints, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[FitResult, _Progress]:  # fmt: skip
+    """Load a mid-training checkpoint into the model, optimizer, scheduler and RNGs; its result and progress."""
+    for part, saved in [(model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")]:
+        part.load_state_dict(state[saved])
+    checkpoints.restore_rng()
+    return state["result"], state["progress"]
 
 
 def _finished_earlier(model: torch.nn.Module, state: dict, run: Run, desc: str) -> FitResult:
