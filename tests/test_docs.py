@@ -70,7 +70,9 @@ def test_every_params_key_has_an_entry_in_the_params_reference() -> None:
 def field_docstrings(cls: type) -> dict[str, str]:
     """The string under each field of a params dataclass (litgpt's args.py style), read from the source."""
     (node,) = [
-        n for n in ast.parse(Path(params_module.__file__).read_text()).body if getattr(n, "name", "") == cls.__name__
+        n
+        for n in ast.parse(Path(params_module.__file__).read_text(encoding="utf-8")).body
+        if getattr(n, "name", "") == cls.__name__
     ]
     docs = {}
     for field, after in zip(node.body, [*node.body[1:], None], strict=True):
