@@ -155,6 +155,27 @@ def test_readme_gpu_command_sets_what_bench_gpu_scale_runs() -> None:
     assert {key: yaml.safe_load(value) for key, value in pairs.items()} == GPU_SCALE
 
 
+def test_the_lstm_profile_command_gives_valid_lstm_params(tmp_path: Path) -> None:
+    """docs/lstm.md's one command, applied to params.yaml as `dvc exp run -S` would, passes every check."""
+    from transferpipe.params import check_params, load_params
+
+    doc = (REPO / "docs" / "lstm.md").read_text()
+    command = doc[doc.index("## The LSTM profile") :].split("```bash")[1].split("```")[0]
+    assert command.strip().startswith("dvc exp run -S")
+    pairs = re.findall(r"-S ([\w.]+)=(\S+)", command)
+    assert len(pairs) == command.count("-S ") >= 10
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in pairs:
+        section, name = key.split(".")
+        assert name in raw[section], f"{key} is not a key of params.yaml"
+        raw[section][name] = yaml.safe_load(value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    check_params(params)
+    assert params.model.architecture == "lstm" and params.model.lstm_weight_dropout > 0
+    assert params.finetune.labels_per_class == "all"  # the profile leaves the labels to the sweep
+
+
 def check_workflows(*paths: Path) -> subprocess.CompletedProcess:
     """GitHub's workflow schema, as check-jsonschema ships it (offline)."""
     command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import REPO
 from transferpipe.errors import UserError
-from transferpipe.label_efficiency import Experiment, summarize
+from transferpipe.label_efficiency import Experiment, plot, summarize, to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -130,3 +130,36 @@ def test_summary_names_params_that_differ_besides_labels_and_seed() -> None:
     assert "pretrained_minus_scratch" not in rows[0]  # no scratch scores, no difference column
     with pytest.raises(UserError, match="no finished DVC experiments"):
         summarize([])
+
+
+def test_by_puts_systems_side_by_side_and_names_only_differences_within_one(tmp_path: Path) -> None:
+    def experiment(arch: str, vocab: int, labels: int | str, seed: int, f1: float, epochs: int = 4) -> Experiment:
+        params = {"model.architecture": arch, "tokenize.vocab_size": vocab, "finetune.epochs": epochs}
+        params |= {"finetune.labels_per_class": labels, "finetune.seed": seed}
+        return Experiment(f"{arch}{labels}{seed}", params, {"pretrained": f1, "scratch": f1 - 0.1, "tfidf_logreg": 0.9})
+
+    experiments = [
+        experiment(arch, vocab, labels, seed, base + (0.1 if labels == "all" else 0) + seed / 100)
+        for arch, vocab, base in (("modernbert", 8192, 0.7), ("lstm", 4096, 0.5))
+        for labels in (5, "all")
+        for seed in (1, 2)
+    ]
+    rows, mixed = summarize(experiments, by="model.architecture")
+    assert [(r["model.architecture"], r["labels_per_class"]) for r in rows] == [
+        ("lstm", 5),
+        ("lstm", "all"),
+        ("modernbert", 5),
+        ("modernbert", "all"),
+    ]
+    assert rows[1]["pretrained_mean"] == pytest.approx(0.615) and rows[1]["experiments"] == 2
+    assert rows[2]["pretrained_minus_scratch"] == pytest.approx(0.1)
+    assert mixed == []  # the vocabularies differ between the systems, not within one
+    _, mixed = summarize([*experiments, experiment("lstm", 4096, 5, 3, 0.5, epochs=9)], by="model.architecture")
+    assert mixed == ["finetune.epochs"]
+    _, mixed = summarize(experiments)  # without --by the two systems are one mixture
+    assert mixed == ["model.architecture", "tokenize.vocab_size"]
+    md = re.sub(" +", " ", to_markdown(rows))
+    assert md.splitlines()[0].startswith("| model.architecture | labels per class | experiments |")
+    assert "| modernbert | all | 2 | 0.815 ± 0.007 |" in md
+    plot(rows, tmp_path / "le.png")
+    assert (tmp_path / "le.png").read_bytes()[:8] == PNG_MAGIC

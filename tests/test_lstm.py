@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from tests.helpers import dvc_commands, tiny_params
-from transferpipe.lstm import LSTMConfig, LSTMForCausalLM, LSTMForSequenceClassification
+from transferpipe.lstm import LSTMConfig, LSTMForCausalLM, LSTMForSequenceClassification, variational_dropout
 from transferpipe.modeling import (
     encoder_layers,
     encoder_of,
@@ -284,3 +284,64 @@ def test_pipeline_with_lstm_and_a_logged_model_that_loads_in_a_fresh_process(
     assert len(result["labels"]) == 2 and set(result["labels"]) <= set(LABELS)
     assert result["class"] == "transferpipe.lstm" and result["remote_code"] is False
     assert Path(result["package"]).parent.parent.name == "code"  # MLflow's copy of the package, not src/
+
+
+AWD = dict(embed_dropout=0.5, input_dropout=0.5, hidden_dropout=0.5, weight_dropout=0.5, output_dropout=0.5)
+
+
+def test_awd_dropouts_come_from_params_and_are_kept_by_the_classifier(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    expected = dict(zip(AWD, (0.1, 0.2, 0.3, 0.4, 0.05), strict=True))
+    params = dataclasses.replace(TINY, **{f"lstm_{key}": p for key, p in expected.items()})
+    lm = pretraining_model(params, tiny_tokenizer)
+    assert {key: getattr(lm.config, key) for key in AWD} == expected
+    lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
+    classifier = sequence_classifier(tmp_path / "lm", LABELS, classifier_dropout=0.0)
+    assert {key: getattr(classifier.config, key) for key in AWD} == expected  # fine-tuning regularizes alike
+    # DropConnect leaves the parameters those of a plain nn.LSTM: no extra state_dict keys.
+    plain = LSTMForSequenceClassification(LSTMConfig(**{**classifier.config.to_dict(), **dict.fromkeys(AWD, 0.0)}))
+    assert set(classifier.state_dict()) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("key", list(AWD))
+def test_each_awd_dropout_acts_in_training_only(
+    key: str, lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    batch = texts_batch(tiny_tokenizer)
+    regularized = LSTMForCausalLM(LSTMConfig(**{**lm.config.to_dict(), key: AWD[key]}))
+    regularized.load_state_dict(lm.state_dict())
+    lm.eval(), regularized.eval()
+    assert torch.equal(regularized(**batch).logits, lm(**batch).logits)  # evaluation: no dropout at all
+    lm.train(), regularized.train()
+    torch.manual_seed(1)
+    out = regularized(**batch, labels=batch["input_ids"])
+    assert not torch.allclose(out.logits, lm(**batch).logits) and torch.isfinite(out.logits).all()
+    out.loss.backward()
+    recurrent = regularized.lstm.layers[0].weight_hh_l0
+    assert recurrent.grad is not None and recurrent.grad.abs().sum() > 0  # DropConnect's gradient reaches it
+    assert torch.equal(recurrent, lm.lstm.layers[0].weight_hh_l0)  # and the weight itself is never overwritten
+
+
+def test_variational_dropout_keeps_one_mask_over_time() -> None:
+    torch.manual_seed(0)
+    dropped = variational_dropout(torch.ones(4, 7, 16), 0.5, training=True)
+    assert torch.equal(dropped, dropped[:, :1].expand(-1, 7, -1))  # the same units at every time step
+    assert set(dropped.unique().tolist()) == {0.0, 2.0}  # kept units are scaled by 1 / (1 - p)
+    assert torch.equal(variational_dropout(torch.ones(4, 7, 16), 0.5, training=False), torch.ones(4, 7, 16))
+
+
+def test_embedding_dropout_drops_whole_words(lm: LSTMForCausalLM) -> None:
+    regularized = LSTMForCausalLM(LSTMConfig(**{**lm.config.to_dict(), "embed_dropout": 0.5})).train()
+    seen: list[torch.Tensor] = []
+    regularized.lstm.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    ids = torch.tensor([[5, 6, 5, 7, 5, 6, 8, 9, 10, 11, 12, 13]])
+    torch.manual_seed(0)
+    regularized(input_ids=ids)
+    embedded = seen[0][0]  # (seq_len, hidden): the first layer's input
+    zero = (embedded == 0).all(-1)
+    assert zero.any() and not zero.all()
+    for token in (5, 6):  # every occurrence of a word is dropped, or none is
+        positions = (ids[0] == token).nonzero().flatten()
+        assert torch.equal(embedded[positions], embedded[positions[:1]].expand(len(positions), -1))

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="keep experiments with this param value, e.g. finetune.freeze_layers=0 (repeatable)",
     )
+    sweep.add_argument(
+        "--by",
+        metavar="KEY",
+        help="one system per value of this param, side by side, e.g. model.architecture",
+    )
 
     probe = sub.add_parser(
         "probe", help="linear probe: logistic regression on frozen encoder features, test macro-F1 (no fine-tuning)"
@@ -100,7 +105,7 @@ def _label_efficiency(args: argparse.Namespace) -> None:
     from transferpipe.label_efficiency import label_efficiency
     from transferpipe.report import repo_root_of
 
-    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only))
+    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only, args.by))
 
 
 def _probe(args: argparse.Namespace) -> None:

@@ -11,7 +11,9 @@ This reads `dvc exp show --json` (the experiments of HEAD): each experiment's fi
 metrics/evaluate.json, groups them by labels per class and gives mean and standard deviation over the
 experiments of each group (the seeds). Experiments that differ in any other param are mixed into the same
 groups, so the summary names those params; `--only key=value` keeps the experiments with that param value
-(compare two recipes: `--only finetune.freeze_layers=0`, then `--only finetune.freeze_layers=4`).
+(compare two recipes: `--only finetune.freeze_layers=0`, then `--only finetune.freeze_layers=4`), and
+`--by key` puts the systems a param tells apart side by side in one table and plot (`--by model.architecture`:
+the transformer's sweep beside the LSTM's).
 """
 
 from __future__ import annotations
@@ -88,77 +90,103 @@ def _order(labels_per_class: Any) -> tuple[int, float]:
     return (1, math.inf) if labels_per_class == "all" else (0, float(labels_per_class))
 
 
-def summarize(experiments: list[Experiment]) -> tuple[list[dict], list[str]]:
+def summarize(experiments: list[Experiment], by: str | None = None) -> tuple[list[dict], list[str]]:
     """Rows (labels per class, seeds, per model mean and std, pretrained minus scratch), ordered by labels per
-    class with `all` last; and the params other than labels_per_class and seed that differ between them."""
+    class with `all` last; and the params other than labels_per_class and seed that differ between them.
+    With `by` (a param key, e.g. model.architecture) each value of it is a system of its own: its rows come
+    first under that key, and only params that differ within a system are named."""
     if not experiments:
         raise UserError(
             "no finished DVC experiments with metrics/evaluate.json; queue the sweep first, e.g. "
             "dvc exp run --queue -S 'finetune.labels_per_class=5,20,all' -S 'finetune.seed=1,2,3' && dvc queue start"
         )
-    keys = set().union(*(e.params for e in experiments)) - SWEPT
-    mixed = sorted(k for k in keys if len({json.dumps(e.params.get(k)) for e in experiments}) > 1)
-    groups: dict[Any, list[Experiment]] = {}
+    systems: dict[Any, list[Experiment]] = {}
     for e in experiments:
-        groups.setdefault(e.params.get("finetune.labels_per_class", "all"), []).append(e)
+        systems.setdefault(e.params.get(by) if by else None, []).append(e)
+    mixed: set[str] = set()
+    for members in systems.values():
+        keys = set().union(*(e.params for e in members)) - SWEPT - {by}
+        mixed |= {k for k in keys if len({json.dumps(e.params.get(k)) for e in members}) > 1}
     models = [m for m in MODEL_NAMES if any(m in e.macro_f1 for e in experiments)]
     rows = []
-    for labels_per_class in sorted(groups, key=_order):
-        members = groups[labels_per_class]
-        row: dict[str, Any] = {"labels_per_class": labels_per_class, "experiments": len(members)}
-        for model in models:
-            values = [e.macro_f1[model] for e in members if model in e.macro_f1]
-            row[f"{model}_mean"] = statistics.fmean(values) if values else math.nan
-            row[f"{model}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        if "pretrained" in models and "scratch" in models:
-            row["pretrained_minus_scratch"] = row["pretrained_mean"] - row["scratch_mean"]
-        rows.append(row)
-    return rows, mixed
+    for system in sorted(systems, key=str):
+        groups: dict[Any, list[Experiment]] = {}
+        for e in systems[system]:
+            groups.setdefault(e.params.get("finetune.labels_per_class", "all"), []).append(e)
+        for labels_per_class in sorted(groups, key=_order):
+            members = groups[labels_per_class]
+            row: dict[str, Any] = {by: system} if by else {}
+            row |= {"labels_per_class": labels_per_class, "experiments": len(members)}
+            for model in models:
+                values = [e.macro_f1[model] for e in members if model in e.macro_f1]
+                row[f"{model}_mean"] = statistics.fmean(values) if values else math.nan
+                row[f"{model}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if "pretrained" in models and "scratch" in models:
+                row["pretrained_minus_scratch"] = row["pretrained_mean"] - row["scratch_mean"]
+            rows.append(row)
+    return rows, sorted(mixed)
+
+
+def _system_key(rows: list[dict]) -> str | None:
+    """The `by` key of summarize's rows: the one that comes before labels_per_class, if any."""
+    first = next(iter(rows[0]))
+    return None if first == "labels_per_class" else first
 
 
 def to_markdown(rows: list[dict]) -> str:
+    by = _system_key(rows)
     models = [m for m in MODEL_NAMES if f"{m}_mean" in rows[0]]
-    header = ["labels per class", "experiments", *(f"{MODEL_NAMES[m]} macro-F1" for m in models)]
+    header = ([by] if by else []) + ["labels per class", "experiments", *(f"{MODEL_NAMES[m]} macro-F1" for m in models)]
     if "pretrained_minus_scratch" in rows[0]:
         header.append("pretrained − scratch")
     table = []
     for row in rows:
-        cells = [str(row["labels_per_class"]), str(row["experiments"])]
+        cells = ([str(row[by])] if by else []) + [str(row["labels_per_class"]), str(row["experiments"])]
         cells += [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in models]
         if "pretrained_minus_scratch" in row:
             cells.append(f"{row['pretrained_minus_scratch']:+.3f}")
         table.append(cells)
     frame = pd.DataFrame(table, columns=header)
-    return (
-        frame.to_markdown(index=False, tablefmt="github", colalign=["right"] * len(header), disable_numparse=True)
-        + "\n"
-    )
+    colalign = (["left"] if by else []) + ["right"] * (len(header) - bool(by))
+    return frame.to_markdown(index=False, tablefmt="github", colalign=colalign, disable_numparse=True) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Test macro-F1 (mean, with a band of ± one standard deviation) against labels per class, one line per
-    model; labels per class on evenly spaced ticks, `all` last."""
+    model (a color each) and system (a line style each); labels per class on evenly spaced ticks, `all` last.
+    A baseline line that repeats another system's values exactly (TF-IDF sees only the text) is drawn once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    xs = list(range(len(rows)))
+    by = _system_key(rows)
+    systems = list(dict.fromkeys(r[by] for r in rows)) if by else [None]
+    labels = list(dict.fromkeys(r["labels_per_class"] for r in rows))
+    xs = {value: i for i, value in enumerate(sorted(labels, key=_order))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model, name in MODEL_NAMES.items():
-        if f"{model}_mean" not in rows[0]:
-            continue
-        mean = np.array([r[f"{model}_mean"] for r in rows])
-        std = np.array([r[f"{model}_std"] for r in rows])
-        ax.plot(xs, mean, marker="o", label=name)
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
-    ax.set_xticks(xs, [str(r["labels_per_class"]) for r in rows])
+    drawn: list[tuple[str, list[float]]] = []
+    for system, style in zip(systems, ["-", "--", ":", "-."] * len(systems), strict=False):
+        members = [r for r in rows if not by or r[by] == system]
+        for color, (model, name) in enumerate(MODEL_NAMES.items()):
+            if f"{model}_mean" not in rows[0]:
+                continue
+            mean = np.array([r[f"{model}_mean"] for r in members])
+            if any(m == model and np.array_equal(v, mean) for m, v in drawn):
+                continue
+            drawn.append((model, mean))
+            std = np.array([r[f"{model}_std"] for r in members])
+            x = [xs[r["labels_per_class"]] for r in members]
+            label = name if not by or model == "tfidf_logreg" else f"{system}: {name}"
+            ax.plot(x, mean, marker="o", linestyle=style, color=f"C{color}", label=label)
+            ax.fill_between(x, mean - std, mean + std, color=f"C{color}", alpha=0.15)
+    ax.set_xticks(list(xs.values()), [str(value) for value in xs])
     ax.set_xlabel("labeled training examples per class")
     ax.set_ylabel("test macro-F1")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize="small")
     seeds = sorted({r["experiments"] for r in rows})
     ax.set_title(f"Label efficiency (mean ± std over {'/'.join(map(str, seeds))} experiments per point)")
     fig.tight_layout()
@@ -182,13 +210,13 @@ def select(experiments: list[Experiment], only: list[str]) -> list[Experiment]:
     return experiments
 
 
-def label_efficiency(root: Path, out: Path, only: list[str] | None = None) -> str:
+def label_efficiency(root: Path, out: Path, only: list[str] | None = None, by: str | None = None) -> str:
     """Writes out/label_efficiency.{csv,md,png}; returns the printed summary."""
     import pandas as pd
 
     experiments, unfinished = experiments_from_show(show_experiments(root))
     experiments = select(experiments, only or [])
-    rows, mixed = summarize(experiments)
+    rows, mixed = summarize(experiments, by)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "label_efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
     table = to_markdown(rows)
@@ -196,7 +224,7 @@ def label_efficiency(root: Path, out: Path, only: list[str] | None = None) -> st
     if unfinished:
         notes.append(f"{unfinished} without evaluate metrics left out")
     if mixed:
-        notes.append(f"they also differ in {', '.join(mixed)}")
+        notes.append(f"they also differ in {', '.join(mixed)}" + (f" within a {by}" if by else ""))
     summary = "; ".join(notes) + "."
     write_text_atomic(out / "label_efficiency.md", f"# Label efficiency\n\n{table}\n{summary}\n")
     plot(rows, out / "label_efficiency.png")

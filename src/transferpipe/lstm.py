@@ -3,8 +3,11 @@
 ULMFiT (Howard & Ruder, 2018) is the reference: an embedding, a stack of single-layer LSTMs and an output
 projection tied to the embedding, pretrained as a language model, then fine-tuned as a classifier on
 concat pooling (last state, masked max, masked mean) with discriminative learning rates and gradual
-unfreezing. The layers are a ModuleList of single-layer LSTMs, so modeling.freeze, layer_groups,
-param_groups and gradual_unfreezing see one block per layer, as they do for transformer encoders.
+unfreezing. AWD-LSTM's regularization (Merity et al., 2017) is in the config, each 0 (off) by default:
+embedding dropout (whole words), variational dropout (one mask per sequence, the same at every time step) on
+the embedding output, between layers and before the output head, and DropConnect on the recurrent weights.
+The layers are a ModuleList of single-layer LSTMs, so modeling.freeze, layer_groups, param_groups and
+gradual_unfreezing see one block per layer, as they do for transformer encoders.
 
 Both models are PreTrainedModels registered with the Auto classes (model_type `transferpipe_lstm`), so
 save_pretrained / from_pretrained, AutoModelForSequenceClassification and transformers.pipeline work on them
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -42,6 +46,11 @@ class LSTMConfig(PretrainedConfig):
         hidden_size: int = 256,
         num_hidden_layers: int = 3,
         classifier_dropout: float = 0.1,
+        embed_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        output_dropout: float = 0.0,
         initializer_range: float = 0.02,
         pad_token_id: int | None = 0,
         tie_word_embeddings: bool = True,
@@ -51,8 +60,21 @@ class LSTMConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.classifier_dropout = classifier_dropout
+        self.embed_dropout = embed_dropout  # whole rows of the embedding (every occurrence of a word), input only
+        self.input_dropout = input_dropout  # variational, on the embedding output
+        self.hidden_dropout = hidden_dropout  # variational, between LSTM layers
+        self.weight_dropout = weight_dropout  # DropConnect on each layer's hidden-to-hidden weights
+        self.output_dropout = output_dropout  # variational, on the last layer's output (both heads)
         self.initializer_range = initializer_range
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def variational_dropout(hidden: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout with one mask per sequence, shared by every time step (Gal & Ghahramani, 2016): (batch, seq, h)."""
+    if not training or p == 0:
+        return hidden
+    keep = hidden.new_empty(hidden.shape[0], 1, hidden.shape[2]).bernoulli_(1 - p)
+    return hidden * keep / (1 - p)
 
 
 class LSTMPreTrainedModel(PreTrainedModel):
@@ -100,10 +122,24 @@ class LSTMModel(LSTMPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> BaseModelOutput:
         """Right padding (the tokenizers' default) needs no mask here: a left-to-right LSTM's state at a real
-        token never depends on the padding after it. The heads use attention_mask to skip the padding."""
-        hidden = self.embeddings(input_ids)  # (batch, seq_len, hidden)
-        for layer in self.layers:
-            hidden, _ = layer(hidden)
+        token never depends on the padding after it. The heads use attention_mask to skip the padding.
+        The last layer's output comes back without dropout: each head applies output_dropout itself."""
+        config, weight = self.config, self.embeddings.weight
+        if self.training and config.embed_dropout:
+            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - config.embed_dropout)
+            weight = weight * keep / (1 - config.embed_dropout)
+        hidden = F.embedding(input_ids, weight, self.embeddings.padding_idx)  # (batch, seq_len, hidden)
+        hidden = variational_dropout(hidden, config.input_dropout, self.training)
+        for i, layer in enumerate(self.layers):
+            if i:
+                hidden = variational_dropout(hidden, config.hidden_dropout, self.training)
+            if self.training and config.weight_dropout:
+                # DropConnect: this forward runs on a dropped copy of the recurrent weights; the gradient
+                # reaches the parameter itself, and state_dict keys stay those of a plain nn.LSTM.
+                recurrent = F.dropout(layer.weight_hh_l0, config.weight_dropout, training=True)
+                hidden, _ = functional_call(layer, {"weight_hh_l0": recurrent}, (hidden,))
+            else:
+                hidden, _ = layer(hidden)
         return BaseModelOutput(last_hidden_state=hidden)
 
 
@@ -139,6 +175,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         **kwargs,
     ) -> CausalLMOutput:
         hidden = self.lstm(input_ids).last_hidden_state
+        hidden = variational_dropout(hidden, self.config.output_dropout, self.training)
         logits = self.lm_head(hidden)  # (batch, seq_len, vocab)
         loss = None
         if labels is not None:
@@ -176,6 +213,7 @@ class LSTMForSequenceClassification(LSTMPreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutput:
         hidden = self.lstm(input_ids).last_hidden_state  # (batch, seq_len, hidden)
+        hidden = variational_dropout(hidden, self.config.output_dropout, self.training)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if (mask[:, 1:] & ~mask[:, :-1]).any():
             raise ValueError("LSTMForSequenceClassification needs right padding (tokenizer.padding_side='right')")

@@ -93,6 +93,11 @@ def new_encoder_config(params: ModelParams, tokenizer: PreTrainedTokenizerBase) 
             hidden_size=params.hidden_size,
             num_hidden_layers=params.num_hidden_layers,
             pad_token_id=tokenizer.pad_token_id,
+            embed_dropout=params.lstm_embed_dropout,
+            input_dropout=params.lstm_input_dropout,
+            hidden_dropout=params.lstm_hidden_dropout,
+            weight_dropout=params.lstm_weight_dropout,
+            output_dropout=params.lstm_output_dropout,
         )
     if params.hidden_size % params.num_attention_heads:
         raise UserError(

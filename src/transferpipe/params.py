@@ -90,7 +90,7 @@ class ModelParams:
     ([checkpoint](pipeline.md#starting-from-a-published-checkpoint))"""
     architecture: Literal["modernbert", "bert", "lstm"] = "modernbert"
     """used when `checkpoint` is null: ModernBERT-style (pre-LayerNorm), BERT, or a ULMFiT-style LSTM language model
-    ([lstm.md](lstm.md)), which reads `hidden_size` and `num_hidden_layers` only"""
+    ([lstm.md](lstm.md)), which reads `hidden_size`, `num_hidden_layers` and the `lstm_` keys only"""
     hidden_size: int = ranged(256, ge=1)
     """hidden size (for `lstm`: units per layer and the embedding size)"""
     num_hidden_layers: int = ranged(4, ge=1)
@@ -101,6 +101,18 @@ class ModelParams:
     """feed-forward size per block"""
     max_position_embeddings: int = ranged(512, ge=1)
     """longest input the encoder accepts"""
+    lstm_embed_dropout: float = ranged(0.0, ge=0, lt=1)
+    """`lstm` only, AWD-LSTM's regularization, in pretraining and fine-tuning alike: dropout of whole embedding rows
+    (every occurrence of a word in a batch) on the input ([lstm.md](lstm.md#regularization))"""
+    lstm_input_dropout: float = ranged(0.0, ge=0, lt=1)
+    """`lstm` only: variational dropout (one mask per sequence, shared by its time steps) on the embedding output"""
+    lstm_hidden_dropout: float = ranged(0.0, ge=0, lt=1)
+    """`lstm` only: variational dropout between LSTM layers"""
+    lstm_weight_dropout: float = ranged(0.0, ge=0, lt=1)
+    """`lstm` only: DropConnect on each layer's hidden-to-hidden weights (a new mask every forward pass)"""
+    lstm_output_dropout: float = ranged(0.0, ge=0, lt=1)
+    """`lstm` only: variational dropout on the last layer's output, before the language-model head and the
+    classifier's pooling"""
 
 
 @dataclass(frozen=True)
