@@ -27,9 +27,9 @@ def main() -> None:
         ):
             rows.append({"system": system, **row})
     out = REPO / "reports" / "label_efficiency_both"
-    table = to_markdown(rows)
+    table = to_markdown(rows, by="system")
     write_text_atomic(out.with_suffix(".md"), f"# Label efficiency, both systems\n\n{table}")
-    plot(rows, out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"), by="system")
     print(table)
 
 

@@ -158,8 +158,8 @@ def test_by_puts_systems_side_by_side_and_names_only_differences_within_one(tmp_
     assert mixed == ["finetune.epochs"]
     _, mixed = summarize(experiments)  # without --by the two systems are one mixture
     assert mixed == ["model.architecture", "tokenize.vocab_size"]
-    md = re.sub(" +", " ", to_markdown(rows))
+    md = re.sub(" +", " ", to_markdown(rows, by="model.architecture"))
     assert md.splitlines()[0].startswith("| model.architecture | labels per class | experiments |")
     assert "| modernbert | all | 2 | 0.815 ± 0.007 |" in md
-    plot(rows, tmp_path / "le.png")
+    plot(rows, tmp_path / "le.png", by="model.architecture")
     assert (tmp_path / "le.png").read_bytes()[:8] == PNG_MAGIC

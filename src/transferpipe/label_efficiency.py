@@ -35,6 +35,7 @@ from transferpipe.io import write_text_atomic
 PARAMS_FILE = "params.yaml"
 METRICS_FILE = "metrics/evaluate.json"
 SWEPT = {"finetune.labels_per_class", "finetune.seed"}
+LINE_STYLES = ["-", "--", ":", "-."]  # one per system (--by)
 MODEL_NAMES = {"pretrained": "pretrained", "scratch": "from scratch", "tfidf_logreg": "TF-IDF + logistic regression"}
 
 
@@ -127,14 +128,8 @@ def summarize(experiments: list[Experiment], by: str | None = None) -> tuple[lis
     return rows, sorted(mixed)
 
 
-def _system_key(rows: list[dict]) -> str | None:
-    """The `by` key of summarize's rows: the one that comes before labels_per_class, if any."""
-    first = next(iter(rows[0]))
-    return None if first == "labels_per_class" else first
-
-
-def to_markdown(rows: list[dict]) -> str:
-    by = _system_key(rows)
+def to_markdown(rows: list[dict], by: str | None = None) -> str:
+    """summarize's rows as a GitHub table; `by`: the key its rows carry the system under (first column)."""
     models = [m for m in MODEL_NAMES if f"{m}_mean" in rows[0]]
     header = ([by] if by else []) + ["labels per class", "experiments", *(f"{MODEL_NAMES[m]} macro-F1" for m in models)]
     if "pretrained_minus_scratch" in rows[0]:
@@ -151,7 +146,7 @@ def to_markdown(rows: list[dict]) -> str:
     return frame.to_markdown(index=False, tablefmt="github", colalign=colalign, disable_numparse=True) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, by: str | None = None) -> None:
     """Test macro-F1 (mean, with a band of ± one standard deviation) against labels per class, one line per
     model (a color each) and system (a line style each); labels per class on evenly spaced ticks, `all` last.
     A baseline line that repeats another system's values exactly (TF-IDF sees only the text) is drawn once."""
@@ -161,13 +156,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    by = _system_key(rows)
     systems = list(dict.fromkeys(r[by] for r in rows)) if by else [None]
     labels = list(dict.fromkeys(r["labels_per_class"] for r in rows))
     xs = {value: i for i, value in enumerate(sorted(labels, key=_order))}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn: list[tuple[str, list[float]]] = []
-    for system, style in zip(systems, ["-", "--", ":", "-."] * len(systems), strict=False):
+    drawn: list[tuple[str, np.ndarray]] = []
+    for i, system in enumerate(systems):
+        style = LINE_STYLES[i % len(LINE_STYLES)]
         members = [r for r in rows if not by or r[by] == system]
         for color, (model, name) in enumerate(MODEL_NAMES.items()):
             if f"{model}_mean" not in rows[0]:
@@ -219,7 +214,7 @@ def label_efficiency(root: Path, out: Path, only: list[str] | None = None, by: s
     rows, mixed = summarize(experiments, by)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "label_efficiency.csv", pd.DataFrame(rows).to_csv(index=False))
-    table = to_markdown(rows)
+    table = to_markdown(rows, by)
     notes = [f"{len(experiments)} finished experiment(s)" + (f" with {', '.join(only)}" if only else "")]
     if unfinished:
         notes.append(f"{unfinished} without evaluate metrics left out")
@@ -227,5 +222,5 @@ def label_efficiency(root: Path, out: Path, only: list[str] | None = None, by: s
         notes.append(f"they also differ in {', '.join(mixed)}" + (f" within a {by}" if by else ""))
     summary = "; ".join(notes) + "."
     write_text_atomic(out / "label_efficiency.md", f"# Label efficiency\n\n{table}\n{summary}\n")
-    plot(rows, out / "label_efficiency.png")
+    plot(rows, out / "label_efficiency.png", by)
     return f"{table}\n{summary}\nwrote {out}/label_efficiency.csv, .md and .png"
