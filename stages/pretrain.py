@@ -1,4 +1,4 @@
-"""pretrain: masked-language-model pretraining of the encoder, tracked in MLflow.
+"""pretrain: pretraining of the encoder (masked LM, ELECTRA or next-token LM), tracked in MLflow.
 
 From scratch (sizes from the model section) or continued from model.checkpoint. With
 pretrain.enabled false the starting encoder is saved untrained, so finetune starts from it directly.
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         block_size = len(blocks["mlm_train"][0]["input_ids"]) if params.enabled else 0
         used = utilization(model, params, block_size, result.tokens_per_second) if params.enabled else {}
         metrics = {
-            "eval": {"loss": result.best["loss"], "perplexity": result.best["perplexity"]},
+            "eval": {k: v for k, v in result.best.items() if k not in ("step", "epoch")},  # loss, perplexity, ...
             "train": {
                 "steps": result.steps,
                 "tokens_per_second": round(result.tokens_per_second, 1),
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
         with recording("pretrain", args.out):
-            run.log_metrics({"eval/loss": metrics["eval"]["loss"], "eval/perplexity": metrics["eval"]["perplexity"]})
+            run.log_metrics({f"eval/{k}": v for k, v in metrics["eval"].items()})
             run.log_metrics({f"train/{k}": v for k, v in used.items()})
             run.log_artifacts(args.out, "model")
     checkpoints.clear()  # everything is recorded: nothing left to resume

@@ -296,3 +296,31 @@ def test_failing_finetune_leaves_its_run_failed_and_no_output(
         order_by=["attributes.start_time DESC"],
     )
     assert runs[0].info.status == "FAILED"
+
+
+def test_electra_pretraining_saves_the_discriminator_encoder_that_finetune_starts_from(
+    tmp_path: Path, tiny_csv: Path, mlflow_uri: str
+) -> None:
+    """pretrain.objective electra: the stage's metrics and MLflow run carry the replaced-token scores, only
+    the encoder (no generator) is saved, and finetune trains on it."""
+    params = str(tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, pretrain={"objective": "electra"}))
+    d = tmp_path
+    metrics = run_short(params, d)
+    assert list(metrics["eval"]) == ["loss", "perplexity", "replaced_loss", "replaced_accuracy"]
+    assert all(math.isfinite(v) for v in metrics["eval"].values())
+    curve = (d / "pl/eval.csv").read_text().splitlines()
+    assert curve[0] == "step,epoch,loss,perplexity,replaced_loss,replaced_accuracy" and len(curve) == 3
+    from safetensors.torch import load_file
+
+    saved = load_file(d / "m/model.safetensors")
+    assert not any("generator" in key for key in saved)
+    scratch = load_file(d / "s/model.safetensors")
+    assert saved.keys() == scratch.keys()  # the same encoder layout as the MLM objective saves
+    run = MlflowClient(mlflow_uri).get_run(json.loads((d / "m/training_run.json").read_text())["mlflow_run_id"])
+    assert run.data.params["pretrain.objective"] == "electra"
+    assert run.data.metrics["eval/replaced_accuracy"] == pytest.approx(metrics["eval"]["replaced_accuracy"])
+    finetuned = finetune.main(
+        ["--params", params, "--data", f"{d}/t", "--encoder", f"{d}/m", "--out", f"{d}/f",
+         "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"]
+    )  # fmt: skip
+    assert math.isfinite(finetuned["validation"]["loss"])

@@ -235,12 +235,16 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or "norm" in name.lower()
-        groups.setdefault((lr_of.get(id(p), head_lr), no_decay), []).append(p)
+        groups.setdefault((lr_of.get(id(p), head_lr), no_weight_decay(name, p)), []).append(p)
     return [
         {"params": ps, "lr": lr, "weight_decay": 0.0 if no_decay else weight_decay}
         for (lr, no_decay), ps in groups.items()
     ]
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases and norms train without weight decay."""
+    return p.ndim < 2 or "norm" in name.lower()
 
 
 def gradual_unfreezing(model: PreTrainedModel) -> Callable[[int], None]:

@@ -156,8 +156,17 @@ class PretrainParams:
     """AdamW beta2"""
     max_grad_norm: float = ranged(1.0, gt=0)
     """gradient clipping norm"""
+    objective: Literal["mlm", "electra"] = "mlm"
+    """the transformer's objective: `mlm` masked LM; `electra` replaced-token detection, a small generator
+    filling the masks and the encoder judging every token ([pretraining.md](pretraining.md)); `lstm` is always a
+    next-token LM"""
     mlm_probability: float = ranged(0.3, gt=0, lt=1)
     """share of tokens masked (unused by `lstm`, a next-token model)"""
+    electra_generator_layers: int = ranged(1, ge=1)
+    """`electra`: blocks of the generator (the encoder's width, sharing its token embeddings); at most the
+    encoder's"""
+    electra_discriminator_weight: float = ranged(50.0, gt=0)
+    """`electra`: weight of the replaced-token loss against the generator's MLM loss (ELECTRA's 50)"""
     eval_every: int = ranged(100, ge=1)
     """steps between held-out evaluations"""
     eval_blocks: int = ranged(256, ge=1)
