@@ -69,12 +69,18 @@ class LSTMConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
+def shared_mask_dropout(x: torch.Tensor, p: float, mask_shape: tuple[int, ...], training: bool) -> torch.Tensor:
+    """Dropout whose mask has `mask_shape` and broadcasts over x: every element along a size-1 axis of the mask
+    is kept or dropped together. The survivors are scaled by 1 / (1 - p)."""
+    if not training or p == 0:
+        return x
+    keep = x.new_empty(mask_shape).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
 def variational_dropout(hidden: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout with one mask per sequence, shared by every time step (Gal & Ghahramani, 2016): (batch, seq, h)."""
-    if not training or p == 0:
-        return hidden
-    keep = hidden.new_empty(hidden.shape[0], 1, hidden.shape[2]).bernoulli_(1 - p)
-    return hidden * keep / (1 - p)
+    return shared_mask_dropout(hidden, p, (hidden.shape[0], 1, hidden.shape[2]), training)
 
 
 class LSTMPreTrainedModel(PreTrainedModel):
@@ -125,9 +131,7 @@ class LSTMModel(LSTMPreTrainedModel):
         token never depends on the padding after it. The heads use attention_mask to skip the padding.
         The last layer's output comes back without dropout: each head applies output_dropout itself."""
         config, weight = self.config, self.embeddings.weight
-        if self.training and config.embed_dropout:
-            keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - config.embed_dropout)
-            weight = weight * keep / (1 - config.embed_dropout)
+        weight = shared_mask_dropout(weight, config.embed_dropout, (weight.shape[0], 1), self.training)  # whole rows
         hidden = F.embedding(input_ids, weight, self.embeddings.padding_idx)  # (batch, seq_len, hidden)
         hidden = variational_dropout(hidden, config.input_dropout, self.training)
         for i, layer in enumerate(self.layers):

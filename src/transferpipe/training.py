@@ -376,9 +376,10 @@ def fit(
         return _finished_earlier(model, state, run, desc)
     warmup = math.ceil(warmup_ratio * total_steps)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}  # a checkpoint's keys: what it restores
     result, progress = FitResult(steps=0, seconds=0.0), _Progress(stopping or EarlyStopping())
     if state is not None:
-        result, progress = _restore(state, checkpoints, model, optimizer, scheduler)
+        result, progress = _restore(state, checkpoints, parts)
     recorder = _Recorder(run, result, progress, checkpoints, desc, device)
     if state is not None:
         recorder.resumed(total_steps)
@@ -412,18 +413,17 @@ def fit(
         if (step % eval_every == 0 or last) and recorder.evaluate(step, epoch, model, train_model, evaluate, start):
             break  # stopped early
         if checkpoints is not None and checkpoints.due(step) and not last:
-            content = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict()}  # fmt: skip
+            content = {name: part.state_dict() for name, part in parts.items()}
             recorder.checkpoint(False, content, meter, time.perf_counter() - start)
     bar.close()
     return recorder.finish(model, step, meter, start)
 
 
-def _restore(state: dict, checkpoints: Checkpoints, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[FitResult, _Progress]:  # fmt: skip
-    """Load a mid-training checkpoint into the model, optimizer, scheduler and RNGs; its result and progress."""
-    for part, saved in [(model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")]:
-        part.load_state_dict(state[saved])
+def _restore(state: dict, checkpoints: Checkpoints, parts: dict) -> tuple[FitResult, _Progress]:
+    """Load a mid-training checkpoint into each of `parts` (name -> object with load_state_dict: the model,
+    optimizer and scheduler) and the RNGs; return its result and progress."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
     checkpoints.restore_rng()
     return state["result"], state["progress"]
 
