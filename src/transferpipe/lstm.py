@@ -185,9 +185,10 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         if labels is not None:
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            # Position t predicts token t+1 and the last position nothing. Shifting the labels, not slicing the
+            # logits, spares the backward a zero-filled copy of the whole (batch, seq_len, vocab) gradient.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
 
