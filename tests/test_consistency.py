@@ -173,7 +173,7 @@ def test_the_lstm_profile_command_gives_valid_lstm_params(tmp_path: Path) -> Non
     params = load_params(tmp_path / "params.yaml")
     check_params(params)
     assert params.model.architecture == "lstm" and params.model.lstm_weight_dropout > 0
-    assert params.finetune.labels_per_class == "all"  # the profile leaves the labels to the sweep
+    assert params.finetune.labels_per_class == 20  # the few-label regime its +10-point target is about
 
 
 def check_workflows(*paths: Path) -> subprocess.CompletedProcess:
