@@ -24,7 +24,14 @@ from transformers import (
 )
 
 from tests.helpers import dvc_commands, tiny_params
-from transferpipe.lstm import LSTMConfig, LSTMForCausalLM, LSTMForSequenceClassification, variational_dropout
+from transferpipe.lstm import (
+    LOSS_CHUNK,
+    LSTMConfig,
+    LSTMForCausalLM,
+    LSTMForSequenceClassification,
+    linear_cross_entropy,
+    variational_dropout,
+)
 from transferpipe.modeling import (
     encoder_layers,
     encoder_of,
@@ -92,6 +99,68 @@ def test_lm_forward_shapes_and_shifted_loss(lm: LSTMForCausalLM, tiny_tokenizer:
     assert torch.allclose(out.loss, expected)
     # An untrained model guesses about uniformly: the loss is near log(vocab size).
     assert abs(out.loss.item() - math.log(len(tiny_tokenizer))) < 0.5
+
+
+def plain_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.nn.functional.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=-100
+    )
+
+
+def leaves(*shapes: tuple[int, ...], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in shapes]
+
+
+@pytest.mark.parametrize("tokens", [7, LOSS_CHUNK, 2 * LOSS_CHUNK + 37])
+def test_linear_cross_entropy_is_the_plain_loss_with_its_gradients(tokens: int) -> None:
+    """In float64 the chunked loss and its gradients equal the plain ones to rounding, over one chunk, exactly
+    one, and several with a ragged end, with positions that have no target (-100)."""
+    vocab = 50
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[::3] = -100
+    fused, plain = leaves((tokens, 16), (vocab, 16), (vocab,)), leaves((tokens, 16), (vocab, 16), (vocab,))
+    scale = torch.tensor(3.0, dtype=torch.float64)  # the backward scales by the incoming gradient
+    (scale * linear_cross_entropy(*fused, targets)).backward()
+    expected = plain_loss(*plain, targets)
+    (scale * expected).backward()
+    assert torch.allclose(linear_cross_entropy(*fused, targets), expected, rtol=1e-12, atol=0)
+    for ours, theirs in zip(fused, plain, strict=True):
+        assert torch.allclose(ours.grad, theirs.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_stays_near_the_plain_loss() -> None:
+    hidden, weight, bias = leaves((300, 32), (64, 32), (64,), dtype=torch.float32)
+    targets = torch.randint(0, 64, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, bias, targets)
+        expected = plain_loss(hidden, weight, bias, targets)
+    assert loss.dtype == torch.float32 and torch.allclose(loss, expected, rtol=2e-2)
+    (grad_hidden,) = torch.autograd.grad(loss, hidden)
+    (expected_hidden,) = torch.autograd.grad(expected, hidden)
+    assert grad_hidden.dtype == torch.float32 and torch.allclose(grad_hidden, expected_hidden, atol=2e-3)
+
+
+def test_lm_skip_logits_gives_the_same_loss_and_gradients(lm: LSTMForCausalLM, tiny_tokenizer) -> None:
+    """Pretraining's loss-only forward (tied head, padding masked) trains exactly as the plain one does."""
+    batch = texts_batch(tiny_tokenizer)
+    lm.train()
+    fused = lm(**batch, labels=batch["input_ids"], skip_logits=True)
+    assert fused.logits is None
+    fused.loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in lm.named_parameters()}
+    lm.zero_grad()
+    plain = lm(**batch, labels=batch["input_ids"])
+    plain.loss.backward()
+    assert torch.allclose(fused.loss, plain.loss, rtol=1e-6)
+    for name, p in lm.named_parameters():
+        assert torch.allclose(fused_grads[name], p.grad, rtol=1e-4, atol=1e-7), name
+    with torch.no_grad():  # evaluation takes the plain path: the same digits as before the fused loss
+        assert torch.equal(
+            lm.eval()(**batch, labels=batch["input_ids"], skip_logits=True).loss,
+            lm(**batch, labels=batch["input_ids"]).loss,
+        )
 
 
 def test_lm_loss_drops_on_tiny_data(lm: LSTMForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> None:

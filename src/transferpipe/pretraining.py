@@ -211,7 +211,7 @@ class NextTokenLM(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
-        return CausalLMOutput(loss=self.model(input_ids=input_ids, labels=input_ids).loss)
+        return CausalLMOutput(loss=self.model(input_ids=input_ids, labels=input_ids, skip_logits=True).loss)
 
     @staticmethod
     def predicted(batch: dict[str, torch.Tensor]) -> int:
