@@ -238,21 +238,21 @@ class LSTMForCausalLM(LSTMPreTrainedModel):
         (batch, seq_len, vocab) logits; pretraining asks for it."""
         hidden = self.lstm(input_ids).last_hidden_state
         hidden = variational_dropout(hidden, self.config.output_dropout, self.training)  # (batch, seq_len, hidden)
-        loss = logits = None
-        if labels is not None:
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
-            # Position t predicts token t+1 and the last position nothing. Shifting the labels, not slicing the
-            # logits, spares the backward a zero-filled copy of the whole (batch, seq_len, vocab) gradient.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-            if skip_logits:
-                head = self.lm_head
-                return CausalLMOutput(
-                    loss=linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets)
-                )
-            logits = self.lm_head(hidden)  # (batch, seq_len, vocab)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=self.lm_head(hidden) if logits is None else logits)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden))
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        # Position t predicts token t+1 and the last position nothing. Shifting the labels, not slicing the
+        # logits, spares the backward a zero-filled copy of the whole (batch, seq_len, vocab) gradient.
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        if skip_logits:
+            head = self.lm_head
+            return CausalLMOutput(
+                loss=linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets)
+            )
+        logits = self.lm_head(hidden)  # (batch, seq_len, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
 
 
 class LSTMForSequenceClassification(LSTMPreTrainedModel):
