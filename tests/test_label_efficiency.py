@@ -66,6 +66,28 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
         env,
     )
     sh([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"], root, env)
+    # Another recipe's sweep on a branch of its own (as the LSTM profile's is run), then back to main.
+    (root / "params.yaml").write_text("finetune:\n  labels_per_class: all\n  seed: 42\n  epochs: 8\n")
+    for args in (["git", "checkout", "-qb", "other"], ["git", "commit", "-qam", "other recipe"]):
+        sh(args, root, env)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            "finetune.labels_per_class=20",
+            "-S",
+            "finetune.seed=1,2,3",
+        ],
+        root,
+        env,
+    )
+    sh([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"], root, env)
+    sh(["git", "checkout", "-q", "main"], root, env)
     return root, env
 
 
@@ -106,6 +128,24 @@ def test_only_keeps_the_experiments_with_a_param_value(repo: tuple[Path, dict[st
     assert "3 finished experiment(s) with finetune.seed=1." in (root / "reports/seed1/label_efficiency.md").read_text()
     proc = label_efficiency(root, env, "--out", "reports/none", "--only", "finetune.seed")
     assert proc.returncode == 2 and "expected key=value" in proc.stderr
+
+
+def test_rev_reads_the_sweeps_of_other_branches(repo: tuple[Path, dict[str, str]]) -> None:
+    root, env = repo
+    proc = label_efficiency(
+        root, env, "--out", "reports/both", "--rev", "main", "--rev", "other", "--by", "finetune.epochs"
+    )
+    assert proc.returncode == 0, proc.stderr
+    with (root / "reports/both/label_efficiency.csv").open() as f:
+        rows = [(r["finetune.epochs"], r["labels_per_class"], r["experiments"]) for r in csv.DictReader(f)]
+    assert rows == [("6", "5", "2"), ("6", "20", "2"), ("6", "all", "2"), ("8", "20", "3")]
+    assert "9 finished experiment(s)." in (root / "reports/both/label_efficiency.md").read_text()
+    proc = label_efficiency(root, env, "--out", "reports/other", "--rev", "other")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 finished experiment(s)." in (root / "reports/other/label_efficiency.md").read_text()
+    proc = label_efficiency(root, env, "--out", "reports/nowhere", "--rev", "no-such-branch")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: `dvc exp show --json` failed")
+    assert not (root / "reports/nowhere").exists()
 
 
 def test_no_experiments_is_one_line_and_exit_2(tmp_path: Path, repo: tuple[Path, dict[str, str]]) -> None:

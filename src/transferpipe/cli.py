@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="one system per value of this param, side by side, e.g. model.architecture",
     )
+    sweep.add_argument(
+        "--rev",
+        action="append",
+        default=[],
+        metavar="COMMIT",
+        help="read the experiments of this commit or branch instead of HEAD's (repeatable: --rev main --rev lstm)",
+    )
 
     probe = sub.add_parser(
         "probe", help="linear probe: logistic regression on frozen encoder features, test macro-F1 (no fine-tuning)"
@@ -105,7 +112,7 @@ def _label_efficiency(args: argparse.Namespace) -> None:
     from transferpipe.label_efficiency import label_efficiency
     from transferpipe.report import repo_root_of
 
-    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only, args.by))
+    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only, args.by, args.rev))
 
 
 def _probe(args: argparse.Namespace) -> None:

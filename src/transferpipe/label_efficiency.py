@@ -13,7 +13,9 @@ experiments of each group (the seeds). Experiments that differ in any other para
 groups, so the summary names those params; `--only key=value` keeps the experiments with that param value
 (compare two recipes: `--only finetune.freeze_layers=0`, then `--only finetune.freeze_layers=4`), and
 `--by key` puts the systems a param tells apart side by side in one table and plot (`--by model.architecture`:
-the transformer's sweep beside the LSTM's).
+the transformer's sweep beside the LSTM's). `--rev` (repeatable) reads the experiments of other commits than
+HEAD: the LSTM sweep, queued on a branch of its own so that it pretrains once, beside main's
+(`--rev main --rev lstm-profile`; docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
     return found, unfinished
 
 
-def show_experiments(root: Path) -> list[dict]:
+def show_experiments(root: Path, rev: str = "HEAD") -> list[dict]:
+    """`dvc exp show --json` of the experiments whose baseline is the commit `rev`."""
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "show", "--json", "--hide-queued"],
+        [sys.executable, "-m", "dvc", "exp", "show", "--json", "--hide-queued", "--rev", rev],
         cwd=root,
         capture_output=True,
         text=True,
@@ -205,11 +208,15 @@ def select(experiments: list[Experiment], only: list[str]) -> list[Experiment]:
     return experiments
 
 
-def label_efficiency(root: Path, out: Path, only: list[str] | None = None, by: str | None = None) -> str:
-    """Writes out/label_efficiency.{csv,md,png}; returns the printed summary."""
+def label_efficiency(
+    root: Path, out: Path, only: list[str] | None = None, by: str | None = None, revs: list[str] | None = None
+) -> str:
+    """Writes out/label_efficiency.{csv,md,png} from the experiments of the commits `revs` (default HEAD);
+    returns the printed summary."""
     import pandas as pd
 
-    experiments, unfinished = experiments_from_show(show_experiments(root))
+    shown = [baseline for rev in dict.fromkeys(revs or ["HEAD"]) for baseline in show_experiments(root, rev)]
+    experiments, unfinished = experiments_from_show(shown)
     experiments = select(experiments, only or [])
     rows, mixed = summarize(experiments, by)
     out.mkdir(parents=True, exist_ok=True)
