@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import REPO
 from transferpipe.errors import UserError
-from transferpipe.label_efficiency import Experiment, plot, summarize, to_markdown
+from transferpipe.label_efficiency import Experiment, experiments_from_show, plot, summarize, to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,6 +146,21 @@ def test_rev_reads_the_sweeps_of_other_branches(repo: tuple[Path, dict[str, str]
     proc = label_efficiency(root, env, "--out", "reports/nowhere", "--rev", "no-such-branch")
     assert proc.returncode == 2 and proc.stderr.startswith("error: `dvc exp show --json` failed")
     assert not (root / "reports/nowhere").exists()
+
+
+def test_an_experiment_running_in_the_workspace_is_unfinished() -> None:
+    # The shape `dvc exp show --json` (DVC 3.67) gives while `dvc exp run` runs in the workspace: the new
+    # params beside the metrics file of the last finished run, rev "workspace" and no timestamp.
+    def rev(sha: str, timestamp: str | None, seed: int) -> dict:
+        params = {"params.yaml": {"data": {"finetune": {"labels_per_class": 20, "seed": seed}}}}
+        metrics = {"metrics/evaluate.json": {"data": {"test": {"pretrained": {"macro_f1": 0.9}}}}}
+        return {"rev": sha, "name": f"exp-{seed}", "data": {"rev": sha, "timestamp": timestamp, "params": params,
+                                                             "metrics": metrics}}  # fmt: skip
+
+    shown = [{"rev": "workspace", "experiments": None}, {"rev": "f39a580", "name": "main", "experiments": [
+        {"revs": [rev("workspace", None, 7)]}, {"revs": [rev("ae93833", "2026-12-06T13:38:23", 1)]}]}]  # fmt: skip
+    found, unfinished = experiments_from_show(shown)
+    assert [e.params["finetune.seed"] for e in found] == [1] and unfinished == 1
 
 
 def test_no_experiments_is_one_line_and_exit_2(tmp_path: Path, repo: tuple[Path, dict[str, str]]) -> None:

@@ -60,7 +60,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
     """The finished experiments in `dvc exp show --json` output (baselines and the workspace left out),
-    and how many experiments had no evaluate metrics (queued, running or failed)."""
+    and how many experiments had no evaluate metrics (queued, running or failed). An experiment running in
+    the workspace is listed with the workspace's files, its new params beside the metrics of the last run,
+    and without a commit or timestamp: it counts as unfinished."""
     found, unfinished = [], 0
     for baseline in shown:
         for group in baseline.get("experiments") or []:
@@ -68,7 +70,7 @@ def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
                 data = rev.get("data") or {}
                 params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
                 metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
-                if not params or not metrics or "test" not in metrics:
+                if not data.get("timestamp") or not params or not metrics or "test" not in metrics:
                     unfinished += 1
                     continue
                 scores = {model: values["macro_f1"] for model, values in metrics["test"].items()}
