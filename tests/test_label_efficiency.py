@@ -140,6 +140,9 @@ def test_rev_reads_the_sweeps_of_other_branches(repo: tuple[Path, dict[str, str]
         rows = [(r["finetune.epochs"], r["labels_per_class"], r["experiments"]) for r in csv.DictReader(f)]
     assert rows == [("6", "5", "2"), ("6", "20", "2"), ("6", "all", "2"), ("8", "20", "3")]
     assert "9 finished experiment(s)." in (root / "reports/both/label_efficiency.md").read_text()
+    proc = label_efficiency(root, env, "--out", "reports/twice", "--rev", "main", "--rev", "HEAD")  # one commit
+    assert proc.returncode == 0, proc.stderr
+    assert "6 finished experiment(s)." in (root / "reports/twice/label_efficiency.md").read_text()
     proc = label_efficiency(root, env, "--out", "reports/other", "--rev", "other")
     assert proc.returncode == 0, proc.stderr
     assert "3 finished experiment(s)." in (root / "reports/other/label_efficiency.md").read_text()

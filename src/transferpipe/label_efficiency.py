@@ -62,11 +62,15 @@ def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
     """The finished experiments in `dvc exp show --json` output (baselines and the workspace left out),
     and how many experiments had no evaluate metrics (queued, running or failed). An experiment running in
     the workspace is listed with the workspace's files, its new params beside the metrics of the last run,
-    and without a commit or timestamp: it counts as unfinished."""
-    found, unfinished = [], 0
+    and without a commit or timestamp: it counts as unfinished. An experiment shown twice (two names of one
+    baseline commit) counts once."""
+    found, unfinished, seen = [], 0, set()
     for baseline in shown:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs") or []:
+                if rev.get("rev") != "workspace" and rev.get("rev") in seen:
+                    continue
+                seen.add(rev.get("rev"))
                 data = rev.get("data") or {}
                 params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
                 metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
