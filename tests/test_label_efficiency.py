@@ -70,22 +70,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     (root / "params.yaml").write_text("finetune:\n  labels_per_class: all\n  seed: 42\n  epochs: 8\n")
     for args in (["git", "checkout", "-qb", "other"], ["git", "commit", "-qam", "other recipe"]):
         sh(args, root, env)
-    sh(
-        [
-            sys.executable,
-            "-m",
-            "dvc",
-            "exp",
-            "run",
-            "--queue",
-            "-S",
-            "finetune.labels_per_class=20",
-            "-S",
-            "finetune.seed=1,2,3",
-        ],
-        root,
-        env,
-    )
+    queue = [sys.executable, "-m", "dvc", "exp", "run", "--queue"]
+    sh(queue + ["-S", "finetune.labels_per_class=20", "-S", "finetune.seed=1,2,3"], root, env)
     sh([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"], root, env)
     sh(["git", "checkout", "-q", "main"], root, env)
     return root, env

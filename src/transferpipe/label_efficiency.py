@@ -62,15 +62,11 @@ def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
     """The finished experiments in `dvc exp show --json` output (baselines and the workspace left out),
     and how many experiments had no evaluate metrics (queued, running or failed). An experiment running in
     the workspace is listed with the workspace's files, its new params beside the metrics of the last run,
-    and without a commit or timestamp: it counts as unfinished. An experiment shown twice (two names of one
-    baseline commit) counts once."""
-    found, unfinished, seen = [], 0, set()
+    and without a commit or timestamp: it counts as unfinished."""
+    found, unfinished = [], 0
     for baseline in shown:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs") or []:
-                if rev.get("rev") != "workspace" and rev.get("rev") in seen:
-                    continue
-                seen.add(rev.get("rev"))
                 data = rev.get("data") or {}
                 params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
                 metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
@@ -221,8 +217,9 @@ def label_efficiency(
     returns the printed summary."""
     import pandas as pd
 
-    shown = [baseline for rev in dict.fromkeys(revs or ["HEAD"]) for baseline in show_experiments(root, rev)]
-    experiments, unfinished = experiments_from_show(shown)
+    # One entry per baseline commit: two revs naming one commit (main and HEAD) show its experiments once.
+    shown = {b["rev"]: b for rev in dict.fromkeys(revs or ["HEAD"]) for b in show_experiments(root, rev)}
+    experiments, unfinished = experiments_from_show(list(shown.values()))
     experiments = select(experiments, only or [])
     rows, mixed = summarize(experiments, by)
     out.mkdir(parents=True, exist_ok=True)
