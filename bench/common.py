@@ -36,14 +36,17 @@ def default_data(params: dict) -> tuple[dict, list[str]]:
 
 
 def reference_bert_config(model: ModelParams, tokenizer: PreTrainedTokenizerBase, **extra: object) -> BertConfig:
-    """The reference paths' BERT at the configured sizes. Unlike modeling.new_encoder_config it keeps BERT's
-    default dropout (0.1), as the reference scripts train it."""
+    """The reference paths' BERT at the configured sizes. Its MLP costs the FLOPs of ours: a ModernBERT GeGLU
+    multiplies by three matrices to the MLP's two, so the reference's MLP is 3/2 as wide (344 -> 516, about the
+    512 every figure before 2026-12-06 used). Unlike modeling.new_encoder_config it keeps BERT's default dropout
+    (0.1), as the reference scripts train it."""
+    glu = model.architecture == "modernbert" and model.checkpoint is None
     return BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=model.hidden_size,
         num_hidden_layers=model.num_hidden_layers,
         num_attention_heads=model.num_attention_heads,
-        intermediate_size=model.intermediate_size,
+        intermediate_size=model.intermediate_size * 3 // 2 if glu else model.intermediate_size,
         max_position_embeddings=model.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         **extra,

@@ -1,8 +1,9 @@
 """Fine-tuning throughput at equal or better validation accuracy: our finetune path against the classic example.
 
-Same data (the default splits and a tokenizer trained on train), same width, depth and vocabulary (params.yaml
-`model`), same batch size, epochs, learning rates, warmup and weight decay (`finetune`), same seed, both from
-random initialization (a BERT cannot load our encoder's weights, so neither is pretrained here):
+Same data (the default splits and a tokenizer trained on train), same width, depth, feed-forward FLOPs and
+vocabulary (params.yaml `model`; common.reference_bert_config), same batch size, epochs, learning rates, warmup
+and weight decay (`finetune`), same seed, both from random initialization (a BERT cannot load our encoder's
+weights, so neither is pretrained here):
 - ours: transferpipe.finetuning.finetune: inputs truncated and unpadded on disk, padded per batch to the
   longest example, the configured encoder (ModernBERT-style, sdpa attention), best epoch kept by macro-F1;
 - reference: the path of the method's example: one tokenizer call per example (encode_plus, which
@@ -96,9 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: finetune.epochs of params.yaml")
     parser.add_argument("--quick", action="store_true", help="300 training examples, one epoch (a smoke run)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="ours; default: finetune.precision")
-    parser.add_argument(
-        "--intermediate-size", type=int, help="ours; e.g. 344: GeGLU at 2/3 width, the reference MLP's FLOPs"
-    )
+    parser.add_argument("--intermediate-size", type=int, help="ours only (the reference keeps params.yaml's FLOPs)")
     parser.add_argument("--torch-compile", action="store_true", help="ours compiled; compile time reported apart")
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()

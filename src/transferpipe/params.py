@@ -97,8 +97,9 @@ class ModelParams:
     """encoder blocks (for `lstm`: LSTM layers)"""
     num_attention_heads: int = ranged(4, ge=1)
     """attention heads per block"""
-    intermediate_size: int = ranged(512, ge=1)
-    """feed-forward size per block"""
+    intermediate_size: int = ranged(344, ge=1)
+    """feed-forward size per block (`modernbert`'s GeGLU has three matrices to BERT's MLP's two: 344 costs the FLOPs
+    of a 512-wide MLP)"""
     max_position_embeddings: int = ranged(512, ge=1)
     """longest input the encoder accepts"""
     lstm_embed_dropout: float = ranged(0.0, ge=0, lt=1)
