@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from transferpipe.flops import (
     training_flops_per_token,
 )
 from transferpipe.lstm import LSTMConfig, LSTMForCausalLM
+from transferpipe.modeling import new_encoder_config
 
 # Layer 0 global, layers 1 and 2 sliding (window 8: 4 keys on either side), GeGLU 64 wide.
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
@@ -132,3 +135,18 @@ def test_unknown_models_are_refused() -> None:
     config.model_type = "gpt2"
     with pytest.raises(ValueError, match="gpt2"):
         forward_flops(config, 16, 0.3)
+
+
+@pytest.mark.parametrize("size", ["default", "base"])
+def test_the_benches_reference_bert_does_the_linear_work_of_ours(size: str, tiny_tokenizer) -> None:
+    """bench.common.reference_bert_config widens BERT's MLP to the FLOPs of our GeGLU, so the speed ratios of
+    bench.finetune_throughput and bench.pretrain_throughput compare the same products (within rounding)."""
+    from bench.common import load, reference_bert_config
+    from bench.pretrain_throughput import BASE
+
+    model = load()["model"]
+    model = dataclasses.replace(model, **BASE) if size == "base" else model
+    ours = forward_flops(new_encoder_config(model, tiny_tokenizer), seq_len=128, predicted_fraction=0.0)
+    reference = forward_flops(reference_bert_config(model, tiny_tokenizer), seq_len=128, predicted_fraction=0.0)
+    assert (model.architecture, ours.linear > 0) == ("modernbert", True)
+    assert reference.linear == pytest.approx(ours.linear, rel=0.005)
