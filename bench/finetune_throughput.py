@@ -5,7 +5,8 @@ vocabulary (params.yaml `model`; common.reference_bert_config), same batch size,
 and weight decay (`finetune`), same seed, both from random initialization (a BERT cannot load our encoder's
 weights, so neither is pretrained here):
 - ours: transferpipe.finetuning.finetune: inputs truncated and unpadded on disk, padded per batch to the
-  longest example, the configured encoder (ModernBERT-style, sdpa attention), best epoch kept by macro-F1;
+  longest example, the configured encoder as the stage builds it (ModernBERT-style, modeling.padding_safe
+  attention: plain matrix products on the CPU), best epoch kept by macro-F1;
 - reference: the path of the method's example: one tokenizer call per example (encode_plus, which
   transformers 5 folds into __call__) with padding='max_length' and truncation to the same max_length, fp32,
   fixed batches, BertForSequenceClassification, a plain loop;
@@ -31,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 from bench.common import REPO, default_data, load, machine, reference_bert_config, report
 from transferpipe.evaluation import classification_metrics
 from transferpipe.finetuning import finetune
-from transferpipe.modeling import new_encoder_config
+from transferpipe.modeling import new_encoder_config, padding_safe
 from transferpipe.params import FinetuneParams, load_section
 from transferpipe.tokenization import tokenize_for_classification
 from transferpipe.tracking import Run
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     config.classifier_dropout = ft.classifier_dropout
     if hasattr(config, "classifier_pooling"):
         config.classifier_pooling = ft.classifier_pooling
-    ours = AutoModelForSequenceClassification.from_config(config)
+    ours = padding_safe(AutoModelForSequenceClassification.from_config(config))
     result = finetune(ours, tokenizer, ours_data, label_names, ft, Run(None), torch.device("cpu"))
     compile_seconds = compile_time()
     trained = ft.epochs * len(ours_data["train"])  # every step runs: no early stopping here
