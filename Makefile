@@ -35,7 +35,7 @@ bench:
 	$(PYTHON) -m bench.tokenize_memory
 	$(PYTHON) -m bench.pretrain_throughput
 	$(PYTHON) -m bench.finetune_throughput
-	$(PYTHON) -m bench.finetune_throughput --torch-compile
+	$(PYTHON) -m bench.finetune_throughput --torch-compile --repeat 2
 	$(PYTHON) -m bench.finetune_ceiling
 	$(PYTHON) -m bench.noop_repro
 
