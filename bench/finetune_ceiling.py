@@ -12,11 +12,10 @@ Run: python -m bench.finetune_ceiling [--repeat N]
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from bench.common import REPO, load, machine, report
+from bench.common import REPO, load, machine, report, timed
 from transferpipe.params import FinetuneParams, load_section
 
 
@@ -38,12 +37,7 @@ def step_seconds(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype,
             torch.mm(dy.t(), x)
 
     one_step()  # warm up the kernels
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        one_step()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return timed(one_step, repeat)
 
 
 def main(argv: list[str] | None = None) -> None:
