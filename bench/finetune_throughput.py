@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-compile", action="store_true", help="ours compiled; compile time reported apart")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, alternating which path runs first")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     datasets.disable_progress_bars()
     params = load()
     ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
