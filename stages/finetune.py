@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = sequence_classifier(args.encoder, label_names, params.classifier_dropout, params.classifier_pooling)
     pretrain_run = read_json(args.encoder / "training_run.json").get("mlflow_run_id")
 
-    tags = {"transferpipe.variant": args.variant, **lineage_tags(args.data)}
+    tags = {"transferpipe.variant": args.variant, **lineage_tags(args.data), **lineage_tags(args.encoder)}
     if pretrain_run:
         tags["transferpipe.pretrain_run_id"] = pretrain_run
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.

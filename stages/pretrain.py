@@ -1,6 +1,7 @@
 """pretrain: pretraining of the encoder (masked LM, ELECTRA or next-token LM), tracked in MLflow.
 
-From scratch (sizes from the model section) or continued from model.checkpoint. With
+From scratch (sizes from the model section) or continued from model.checkpoint (a folder, a hub name, or a
+source file that pins a published checkpoint by digest: transferpipe.model_sources). With
 pretrain.enabled false the starting encoder is saved untrained, so finetune starts from it directly.
 Beside it goes the same architecture untrained (--scratch): the no-pretraining baseline that finetune
 also trains, so every run measures what pretraining is worth.
@@ -21,6 +22,7 @@ Scale:   TRANSFERPIPE_NPROC=N (or torchrun) trains on N processes with Distribut
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -29,6 +31,7 @@ from transferpipe.checkpoint import Checkpoints
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
+from transferpipe.model_sources import checkpoint_lineage, resolve_checkpoint
 from transferpipe.modeling import count_parameters, pretraining_model, untrained_copy
 from transferpipe.params import (
     ModelParams,
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(params.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     blocks = datasets.load_from_disk(str(args.data))
-    model = pretraining_model(model_params, tokenizer)
+    # A source file (models/sources/*.yaml) becomes its installed folder, its weights' digest verified.
+    model = pretraining_model(replace(model_params, checkpoint=resolve_checkpoint(model_params.checkpoint)), tokenizer)
+    started_from = checkpoint_lineage(model_params.checkpoint)  # recorded in metrics, the encoder and MLflow
     scratch = untrained_copy(model, params.seed)  # the no-pretraining baseline
 
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
@@ -71,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
         "pretrain", "pretrain", {"model": model_params, "pretrain": params}, [args.data, args.tokenizer],
         params.checkpoint_every,
     )  # fmt: skip
+    tags = {**lineage_tags(args.data), **{f"transferpipe.checkpoint.{k}": v for k, v in started_from.items()}}
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
         process_group() as device,
-        start_run("pretrain", tracking, lineage_tags(args.data), primary=is_main(), resume=checkpoints.run_id) as run,
+        start_run("pretrain", tracking, tags, primary=is_main(), resume=checkpoints.run_id) as run,
     ):
         run.log_params(
             {
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "checkpoint_seconds": round(result.checkpoint_seconds, 2),
                 **used,
             },
+            **({"checkpoint": started_from} if started_from else {}),
         }
         if not is_main():
             return metrics  # rank 0 writes the outputs
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id})
+            if started_from:
+                write_json(tmp / "checkpoint.json", started_from)  # finetune tags its runs with it
         with atomic_dir(args.scratch) as tmp:
             scratch.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -1,7 +1,8 @@
 """tokenize: train (or load) the tokenizer, pack the pretraining text, tokenize the classification splits.
 
 The WordPiece tokenizer is trained on pretraining text only (train split plus extra unlabeled text),
-never on validation or test. With model.checkpoint set, that checkpoint's tokenizer is used instead.
+never on validation or test. With model.checkpoint set (a folder, a hub name or a source file in models/sources/), that checkpoint's
+tokenizer is used instead.
 The prepared Parquet files are read as memory-mapped Arrow datasets and every step writes Arrow files to a
 work folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
 
@@ -29,6 +30,7 @@ import datasets
 from transferpipe.data import open_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.io import atomic_dir, temp_sibling_dir
+from transferpipe.model_sources import resolve_checkpoint
 from transferpipe.params import ModelParams, TokenizeParams, check_params_file, load_section
 from transferpipe.tokenization import (
     load_tokenizer,
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda: text_batches(pretraining), params.vocab_size, params.min_frequency, params.lowercase
             )
         else:
-            tokenizer = load_tokenizer(checkpoint)
+            tokenizer = load_tokenizer(resolve_checkpoint(checkpoint))  # a source file: its verified folder
 
         # Each document is tokenized once: train and validation feed both the packed blocks and the
         # classification inputs.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import torch
 import torch.nn.functional as F
@@ -71,15 +73,18 @@ def finetune(
         scores = classification_metrics(labels, logits.argmax(-1), label_names)
         return {"loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
+    # A few labels make a short epoch: repeat it up to min_steps, still validating `epochs` times.
+    total_steps = max(params.epochs * len(loader), params.min_steps)
+    eval_every = max(len(loader), math.ceil(params.min_steps / params.epochs))
     distributed.seed_rank(params.seed)  # each rank its own dropout masks
     return fit(
         model,
         loader,
         optimizer=optimizer,
-        total_steps=params.epochs * len(loader),
+        total_steps=total_steps,
         warmup_ratio=params.warmup_ratio,
         max_grad_norm=params.max_grad_norm,
-        eval_every=len(loader),
+        eval_every=eval_every,
         evaluate=evaluate,
         run=run,
         device=device,

@@ -138,14 +138,30 @@ def pretraining_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -
         return padding_safe(_pretraining_auto_class(config).from_config(config))
     try:
         config = AutoConfig.from_pretrained(params.checkpoint)
-        model = _pretraining_auto_class(config).from_pretrained(params.checkpoint)
+        model, loading = _pretraining_auto_class(config).from_pretrained(params.checkpoint, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"could not load a model to pretrain from {params.checkpoint!r}: {str(exc).splitlines()[0]}"
         ) from None
+    head = fresh_head(model, loading["missing_keys"])
+    if head:
+        # A checkpoint saved without its pretraining head (a sentence encoder, a bare BertModel): the head
+        # starts from the config's initialization, its decoder tied to the word embeddings.
+        tied = model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+        print(
+            f"pretrain: {params.checkpoint} has no {'next-token' if is_causal_lm(model) else 'masked-LM'} head; "
+            f"a fresh one is added ({len(head)} tensors{', its decoder tied to the word embeddings' if tied else ''})"
+        )
     if hasattr(model.config, "sparse_prediction"):
         model.config.sparse_prediction = True
     return padding_safe(model)
+
+
+def fresh_head(model: PreTrainedModel, missing_keys: list[str]) -> list[str]:
+    """The missing keys that belong to the pretraining head rather than the encoder: what from_pretrained
+    initialized afresh because the checkpoint did not have them."""
+    encoder = model.base_model_prefix + "."
+    return [key for key in missing_keys if not key.startswith(encoder)]
 
 
 def untrained_copy(model: PreTrainedModel, seed: int) -> PreTrainedModel:

@@ -85,7 +85,8 @@ class PrepareParams:
 @dataclass(frozen=True)
 class ModelParams:
     checkpoint: str | None = None
-    """a `save_pretrained` folder or hub name (e.g. `bert-base-uncased`) to start from, with its own tokenizer and
+    """a `save_pretrained` folder, a hub name (e.g. `bert-base-uncased`) or a source file pinning a published
+    checkpoint by digest (`models/sources/all-minilm-l6-v2.yaml`) to start from, with its own tokenizer and
     sizes; `null` builds a new encoder from the keys below
     ([checkpoint](pipeline.md#starting-from-a-published-checkpoint))"""
     architecture: Literal["modernbert", "bert", "lstm"] = "modernbert"
@@ -189,7 +190,10 @@ class PretrainParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     epochs: int = ranged(4, ge=1)
-    """most epochs (early stopping may end sooner)"""
+    """most epochs (early stopping may end sooner); the number of validations when `min_steps` adds epochs"""
+    min_steps: int = ranged(0, ge=0)
+    """at least this many optimizer steps: a small training set (few `labels_per_class`) is repeated for more
+    epochs, validated `epochs` times at even intervals, so 25 examples train as long as a recipe needs"""
     batch_size: int = ranged(16, ge=1)
     """examples per step, the global batch over all processes"""
     encoder_learning_rate: float = ranged(5.0e-4, gt=0)
@@ -222,7 +226,8 @@ class FinetuneParams:
     """the validation metric that picks the epoch kept and stops early: macro-F1 (higher is better) or cross-entropy
     (lower is better; smoother on a small validation set)"""
     early_stopping_patience: int = ranged(2, ge=1)
-    """epochs without a better `monitor` before stopping; the best epoch's weights are kept"""
+    """validations (one per epoch, or per `min_steps / epochs` steps) without a better `monitor` before stopping;
+    the best one's weights are kept"""
     max_grad_norm: float = ranged(1.0, gt=0)
     """gradient clipping norm"""
     checkpoint_every: int | None = ranged(50, ge=1)

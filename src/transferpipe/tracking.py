@@ -320,12 +320,18 @@ def _create_experiment(name: str, location: str | None) -> None:
 
 def lineage_tags(folder: Path) -> dict[str, str]:
     """Tags naming the data a run trained on: the sources.json that prepare writes and tokenize copies into
-    its outputs (path, content hash, package version or hub revision of each source)."""
+    its outputs (path, content hash, package version or hub revision of each source), and an encoder folder's
+    checkpoint.json (the pinned checkpoint pretrain started from, with its digest)."""
+    tags = {}
     path = Path(folder) / "sources.json"
-    if not path.is_file():
-        return {}
-    sources = json.loads(path.read_text(encoding="utf-8"))
-    return {f"transferpipe.{name}.{key}": str(value) for name, info in sources.items() for key, value in info.items()}
+    if path.is_file():
+        sources = json.loads(path.read_text(encoding="utf-8"))
+        tags |= {f"transferpipe.{name}.{key}": str(value) for name, info in sources.items() for key, value in info.items()}
+    path = Path(folder) / "checkpoint.json"  # the published checkpoint an encoder started from (pretrain)
+    if path.is_file():
+        started_from = json.loads(path.read_text(encoding="utf-8"))
+        tags |= {f"transferpipe.checkpoint.{key}": str(value) for key, value in started_from.items()}
+    return tags
 
 
 @contextlib.contextmanager
