@@ -10,7 +10,7 @@ registered version is tagged with the test set's sha256, the label names and its
 `champion` moves to the best version scored on this same test set; a champion scored on another stays.
 
 Inputs:  --data prepared splits (raw text), --models folders (each named after its variant:
-         models/finetuned/pretrained ...)
+         models/finetuned/pretrained ...; a placeholder of a model not made, skipped.json, is left out)
 Outputs: --metrics JSON (DVC metrics: accuracy and macro-F1 per model), --plots folder (DVC plots:
          models.json, one row per model; per model confusion_<model>.json {actual, predicted} rows and
          per_class_<model>.json precision / recall / F1)
@@ -30,7 +30,7 @@ from transferpipe.data import per_class_indices, read_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
 from transferpipe.inference import predict_texts
-from transferpipe.io import atomic_dir, read_json, write_json
+from transferpipe.io import atomic_dir, read_json, skipped, write_json
 from transferpipe.modeling import load_classifier, pick_device
 from transferpipe.params import (
     EvaluateParams,
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         per_class_indices(splits["train"]["label"].tolist(), selection.labels_per_class, selection.seed, label_names)
     ]
 
+    # Placeholders of models the params said not to make (pretrain.scratch_baseline false) are left out.
+    args.models = [folder for folder in args.models if not skipped(folder)]
     device = pick_device()
     predictions = {}
     for folder in args.models:

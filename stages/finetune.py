@@ -37,7 +37,7 @@ from transferpipe.distributed import is_main, process_group, relaunch_under_torc
 from transferpipe.errors import run_cli
 from transferpipe.finetuning import finetune
 from transferpipe.inference import first_windows
-from transferpipe.io import atomic_dir, read_json, write_json
+from transferpipe.io import atomic_dir, read_json, skipped, write_json, write_skipped
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import (
     FinetuneParams,
@@ -50,7 +50,7 @@ from transferpipe.params import (
 from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
-from transferpipe.training import seed_everything
+from transferpipe.training import FitResult, seed_everything
 
 VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
 
@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     windows = load_section(args.params, "tokenize", TokenizeParams)  # how the MLflow model cuts long texts
     check_tracking(tracking)
     seed_everything(params.seed)
+    if reason := skipped(args.encoder):  # pretrain.scratch_baseline false: no model to train
+        write_skipped(args.out, reason)
+        write_json(args.metrics, {})
+        FitResult(steps=0, seconds=0.0).write_curves(args.plots)
+        print(f"finetune: {args.variant} skipped ({reason})")
+        return {}
     splits = datasets.load_from_disk(str(args.data))
     label_names = read_json(args.data / "labels.json")
     # The subsample finetune() draws, checked now: too few examples of a class fails before any model loads.

@@ -8,7 +8,8 @@ also trains, so every run measures what pretraining is worth.
 
 Inputs:  --data packed blocks from tokenize --blocks (mlm_train, mlm_validation), --tokenizer folder
 Outputs: --out save_pretrained folder (safetensors + tokenizer + training_run.json),
-         --scratch the same architecture with its initial random weights (same layout),
+         --scratch the same architecture with its initial random weights (same layout; with
+         pretrain.scratch_baseline false a placeholder, skipped.json, that finetune and evaluate skip),
          --metrics JSON (DVC metrics), --plots folder (train.csv, eval.csv)
 Params:  model, pretrain, tracking
 Run:     python -m stages.pretrain --params params.yaml --data data/blocks --tokenizer models/tokenizer \
@@ -30,7 +31,7 @@ import datasets
 from transferpipe.checkpoint import Checkpoints
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
-from transferpipe.io import atomic_dir, write_json
+from transferpipe.io import atomic_dir, write_json, write_skipped
 from transferpipe.model_sources import checkpoint_lineage, resolve_checkpoint
 from transferpipe.modeling import count_parameters, pretraining_model, untrained_copy
 from transferpipe.params import (
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     # A source file (models/sources/*.yaml) becomes its installed folder, its weights' digest verified.
     model = pretraining_model(replace(model_params, checkpoint=resolve_checkpoint(model_params.checkpoint)), tokenizer)
     started_from = checkpoint_lineage(model_params.checkpoint)  # recorded in metrics, the encoder and MLflow
-    scratch = untrained_copy(model, params.seed)  # the no-pretraining baseline
+    scratch = untrained_copy(model, params.seed) if params.scratch_baseline else None  # the no-pretraining baseline
 
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
     checkpoints = Checkpoints.for_stage(
@@ -118,10 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id})
             if started_from:
                 write_json(tmp / "checkpoint.json", started_from)  # finetune tags its runs with it
-        with atomic_dir(args.scratch) as tmp:
-            scratch.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "training_run.json", {"mlflow_run_id": None})
+        if scratch is None:
+            write_skipped(args.scratch, "pretrain.scratch_baseline is false")
+        else:
+            with atomic_dir(args.scratch) as tmp:
+                scratch.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                write_json(tmp / "training_run.json", {"mlflow_run_id": None})
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
         with recording("pretrain", args.out):

@@ -1,8 +1,8 @@
 """tokenize: train (or load) the tokenizer, pack the pretraining text, tokenize the classification splits.
 
 The WordPiece tokenizer is trained on pretraining text only (train split plus extra unlabeled text),
-never on validation or test. With model.checkpoint set (a folder, a hub name or a source file in models/sources/), that checkpoint's
-tokenizer is used instead.
+never on validation or test. With model.checkpoint set (a folder, a hub name or a source file in
+models/sources/), that checkpoint's tokenizer is used instead.
 The prepared Parquet files are read as memory-mapped Arrow datasets and every step writes Arrow files to a
 work folder beside --out, so a corpus larger than memory streams through (tokenize.num_proc workers).
 

@@ -92,6 +92,27 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer
     return folder
 
 
+@pytest.fixture(scope="session")
+def checkpoint_site(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny published checkpoint installed as a package (tests.helpers.make_checkpoint_package) in a folder
+    of its own; returns its source file. Put the folder on the path with `checkpoint_package`."""
+    from tests.helpers import make_checkpoint_package
+
+    return make_checkpoint_package(tmp_path_factory.mktemp("published") / "site", tiny_tokenizer)
+
+
+@pytest.fixture
+def checkpoint_package(checkpoint_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny checkpoint package importable in this process and in the processes it starts (PYTHONPATH);
+    returns the source file that pins it (model.checkpoint)."""
+    import os
+
+    site = checkpoint_site.parent / "site"
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    return checkpoint_site
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store for this test only."""

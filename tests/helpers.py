@@ -100,7 +100,8 @@ def run_short(params: str, d: Path, through: str = "pretrain") -> dict:
 
 def copy_repo(dest: Path) -> Path:
     """The tracked pipeline files copied into dest (for tests that run the real dvc)."""
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", "data/sources", "data/unlabeled"):
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", "data/sources", "data/unlabeled",
+                 "models/sources"):  # fmt: skip
         src = REPO / name
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
@@ -165,3 +166,33 @@ def wait_for_http(url: str, proc, log: Path, timeout: float) -> None:
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
         time.sleep(0.5)
+
+
+def make_checkpoint_package(site: Path, tokenizer, name: str = "tiny-ckpt", version: str = "0.1.0") -> Path:
+    """A published checkpoint as a pip package would install it into `site` (a folder for sys.path): a tiny
+    BertModel without a masked-LM head (as sentence encoders ship), saved with tokenizer in
+    <module>/model/, and the distribution's metadata. Returns a source file (.yaml) pinning it by digest."""
+    import hashlib
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    module = name.replace("-", "_")
+    folder = site / module / "model"
+    sizes = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        **sizes)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (site / module / "__init__.py").write_text("")
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    pin = site.parent / f"{name}.yaml"
+    pin.write_text(
+        f"package: {name}\nversion: {version}\nfolder: {module}/model\nweights: model.safetensors\nsha256: {digest}\n"
+    )
+    return pin

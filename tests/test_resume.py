@@ -34,7 +34,9 @@ def stage_command(stage: str, params: Path, d: Path, out: str) -> list[str]:
 
 
 def env_for(uri: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    # PYTHONPATH keeps what a test put there (the tiny checkpoint package) after the repository's code.
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": path}
 
 
 def checkpoint_files(d: Path) -> list[Path]:
@@ -107,18 +109,27 @@ def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytes
     return d
 
 
-def long_pretraining(d: Path, steps: int) -> Path:
+def long_pretraining(d: Path, steps: int, **model: str) -> Path:
     """The tiny profile with `steps` of pretraining, a checkpoint every 30: long enough to kill mid-run."""
     return tiny_params(
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
-        pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40},
+        pretrain={"max_steps": steps, "checkpoint_every": 30, "eval_every": 40}, model=model,
     )  # fmt: skip
 
 
-def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(prepared: Path, mlflow_uri: str) -> None:
+@pytest.mark.parametrize("start", ["new", "checkpoint"])
+def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(
+    prepared: Path, mlflow_uri: str, start: str, request: pytest.FixtureRequest
+) -> None:
+    """From a new encoder, and continued from a published checkpoint without a masked-LM head (the fresh head
+    restored from the checkpoint too)."""
     d = prepared
     steps = 120
-    params = long_pretraining(d, steps)
+    model = {"checkpoint": str(request.getfixturevalue("checkpoint_package"))} if start == "checkpoint" else {}
+    params = long_pretraining(d, steps, **model)
+    if model:  # the checkpoint's own tokenizer and blocks
+        tokenize.main(["--params", str(params), "--data", f"{d}/p", "--tokenizer", f"{d}/tok", "--blocks", f"{d}/b",
+                       "--out", f"{d}/t"])  # fmt: skip
     env = env_for(mlflow_uri)
     run_stage(stage_command("pretrain", params, d, "whole"), d, env)
     assert checkpoint_files(d) == []  # a successful stage deletes its checkpoints

@@ -109,21 +109,25 @@ def test_pyfunc_inputs_are_lists_series_or_a_text_column() -> None:
         texts_of({"text": texts})
 
 
-@pytest.fixture(scope="module", params=["modernbert", "lstm"])
+@pytest.fixture(scope="module", params=["modernbert", "lstm", "checkpoint"])
 def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """Every dvc.yaml command on the tiny profile (16-token windows, at most 4) with model.architecture set to
-    the param, in a folder with its own MLflow store; yields the folder and the store's URI."""
+    the param, or (`checkpoint`) continued from a published BERT checkpoint without a masked-LM head pinned by a
+    source file, in a folder with its own MLflow store; yields the folder and the store's URI."""
     d = tmp_path_factory.mktemp(f"pipeline-{request.param}")
     csv = d / "tiny.csv"
     pd.DataFrame(make_corpus()).to_csv(csv, index=False)
     uri = f"sqlite:///{d / 'mlflow.db'}"
+    pin = request.getfixturevalue("checkpoint_site") if request.param == "checkpoint" else None
     tiny_params(
         d,
         prepare={"source": str(csv)},
         tokenize={"max_length": MAX_LENGTH, "max_windows": MAX_WINDOWS},
-        model={"architecture": request.param},
+        model={"checkpoint": str(pin)} if pin else {"architecture": request.param},
     )
     with pytest.MonkeyPatch.context() as mp:
+        if pin:
+            mp.syspath_prepend(str(pin.parent / "site"))
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")

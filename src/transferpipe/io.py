@@ -146,3 +146,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+# A model folder that a stage was told not to make (pretrain.scratch_baseline: false) holds only this file, so
+# that dvc.yaml's outputs stay fixed and the stages after it skip it.
+SKIPPED = "skipped.json"
+
+
+def write_skipped(folder: Path, reason: str) -> None:
+    """Replace `folder` atomically with a placeholder saying why there is no model."""
+    with atomic_dir(folder) as tmp:
+        write_json(tmp / SKIPPED, {"skipped": reason})
+
+
+def skipped(folder: Path) -> str | None:
+    """Why `folder` is a placeholder (write_skipped), or None for a real model folder."""
+    path = Path(folder) / SKIPPED
+    return read_json(path)["skipped"] if path.is_file() else None

@@ -65,15 +65,23 @@ class CheckpointSource:
         keys = [f.name for f in fields(cls) if f.name != "path"]
         if not isinstance(raw, dict) or set(raw) - set(keys):
             raise UserError(f"checkpoint source file {path}: keys allowed are {', '.join(keys)}")
+        digest = raw.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise UserError(
+                f"checkpoint source file {path}: `sha256:` must be the 64 hex digits of "
+                f"{raw.get('weights', cls.weights)} (quoted, if YAML would read them as a number)"
+            )
         source = cls(path=path, **{k: None if v is None else str(v) for k, v in raw.items()})
         if bool(source.package) == bool(source.hf):
-            raise UserError(f"checkpoint source file {path} must name either `package:` (with version, folder) or `hf:`")
+            raise UserError(
+                f"checkpoint source file {path} must name either `package:` (with version, folder) or `hf:`"
+            )
         if source.package and not (source.version and source.folder):
-            raise UserError(f"checkpoint source file {path}: pin package {source.package!r} with `version:` and `folder:`")
+            raise UserError(
+                f"checkpoint source file {path}: pin package {source.package!r} with `version:` and `folder:`"
+            )
         if source.hf and not source.revision:
             raise UserError(f"checkpoint source file {path}: pin hub model {source.hf!r} with `revision:`")
-        if not source.sha256 or len(source.sha256) != 64:
-            raise UserError(f"checkpoint source file {path}: `sha256:` must be the 64 hex digits of {source.weights}")
         return source
 
     def install_hint(self) -> str:
@@ -124,7 +132,10 @@ class CheckpointSource:
             ) from None
 
     def lineage(self) -> dict[str, str]:
-        pin = {"package": self.package, "version": self.version} if self.package else {"hf": self.hf, "revision": self.revision}
+        if self.package:
+            pin = {"package": self.package, "version": self.version}
+        else:
+            pin = {"hf": self.hf, "revision": self.revision}
         return {"source": str(self.path), **pin, "weights": self.weights, "sha256": self.sha256}
 
 

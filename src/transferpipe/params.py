@@ -143,6 +143,10 @@ class TokenizeParams:
 class PretrainParams:
     enabled: bool = True
     """`false`: save the starting encoder untrained (skip pretraining)"""
+    scratch_baseline: bool = True
+    """also save the same architecture untrained (`models/scratch`), which finetune and evaluate score beside the
+    pretrained encoder: what pretraining is worth. `false`: a placeholder instead, and finetune@scratch and evaluate
+    skip it (a published checkpoint's random twin costs a full fine-tuning and tells nothing new)"""
     max_steps: int = ranged(900, ge=1)
     """optimizer steps"""
     batch_size: int = ranged(32, ge=1)

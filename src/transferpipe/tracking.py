@@ -326,7 +326,7 @@ def lineage_tags(folder: Path) -> dict[str, str]:
     path = Path(folder) / "sources.json"
     if path.is_file():
         sources = json.loads(path.read_text(encoding="utf-8"))
-        tags |= {f"transferpipe.{name}.{key}": str(value) for name, info in sources.items() for key, value in info.items()}
+        tags |= {f"transferpipe.{name}.{k}": str(v) for name, info in sources.items() for k, v in info.items()}
     path = Path(folder) / "checkpoint.json"  # the published checkpoint an encoder started from (pretrain)
     if path.is_file():
         started_from = json.loads(path.read_text(encoding="utf-8"))
