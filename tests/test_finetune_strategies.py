@@ -117,3 +117,26 @@ def test_strategies_together_in_the_finetune_stage(tmp_path: Path, tiny_csv: Pat
     eval_rows = (tmp_path / "fp/eval.csv").read_text().splitlines()
     losses = [float(row.split(",")[2]) for row in eval_rows[1:]]
     assert metrics["validation"]["loss"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_min_steps_repeats_few_labels_and_still_validates_epochs_times(
+    tmp_path: Path, tiny_csv: Path, mlflow_uri: str
+) -> None:
+    """5 classes x 3 labels in batches of 8 are 2 steps an epoch: min_steps 21 trains 21 steps (11 epochs),
+    validated 3 times (every 7 steps), early stopping counting validations."""
+    params = tiny_params(
+        tmp_path,
+        prepare={"source": str(tiny_csv)},
+        finetune={"epochs": 3, "min_steps": 21, "labels_per_class": 3, "early_stopping_patience": 5},
+    )
+    metrics = run_short(str(params), tmp_path, through="finetune")
+    assert metrics["train"]["steps"] == 21
+    steps = [int(row.split(",")[0]) for row in (tmp_path / "fp/eval.csv").read_text().splitlines()[1:]]
+    assert steps == [7, 14, 21]
+    # Without min_steps the same data trains epochs x 2 steps, validated each epoch.
+    params = tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, finetune={"epochs": 3, "labels_per_class": 3})
+    from stages import finetune
+
+    metrics = finetune.main(["--params", str(params), "--data", f"{tmp_path}/t", "--encoder", f"{tmp_path}/m",
+                             "--out", f"{tmp_path}/f2", "--metrics", f"{tmp_path}/f2.json", "--plots", f"{tmp_path}/fp2"])  # fmt: skip
+    assert metrics["train"]["steps"] == 6
