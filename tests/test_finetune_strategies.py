@@ -137,6 +137,7 @@ def test_min_steps_repeats_few_labels_and_still_validates_epochs_times(
     params = tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, finetune={"epochs": 3, "labels_per_class": 3})
     from stages import finetune
 
-    metrics = finetune.main(["--params", str(params), "--data", f"{tmp_path}/t", "--encoder", f"{tmp_path}/m",
-                             "--out", f"{tmp_path}/f2", "--metrics", f"{tmp_path}/f2.json", "--plots", f"{tmp_path}/fp2"])  # fmt: skip
+    d = tmp_path
+    metrics = finetune.main(["--params", str(params), "--data", f"{d}/t", "--encoder", f"{d}/m", "--out", f"{d}/f2",
+                             "--metrics", f"{d}/f2.json", "--plots", f"{d}/fp2"])  # fmt: skip
     assert metrics["train"]["steps"] == 6
