@@ -44,7 +44,7 @@ from transferpipe.params import (
 )
 from transferpipe.pretraining import evaluate_untrained, pretrain, utilization
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
+from transferpipe.tracking import check_tracking, lineage_tags, lineage_to_tags, recording, start_run
 from transferpipe.training import seed_everything
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pretrain", "pretrain", {"model": model_params, "pretrain": params}, [args.data, args.tokenizer],
         params.checkpoint_every,
     )  # fmt: skip
-    tags = {**lineage_tags(args.data), **{f"transferpipe.checkpoint.{k}": v for k, v in started_from.items()}}
+    tags = lineage_tags(args.data) | lineage_to_tags({"checkpoint": started_from})
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
         process_group() as device,

@@ -172,10 +172,10 @@ def make_checkpoint_package(site: Path, tokenizer, name: str = "tiny-ckpt", vers
     """A published checkpoint as a pip package would install it into `site` (a folder for sys.path): a tiny
     BertModel without a masked-LM head (as sentence encoders ship), saved with tokenizer in
     <module>/model/, and the distribution's metadata. Returns a source file (.yaml) pinning it by digest."""
-    import hashlib
-
     import torch
     from transformers import BertConfig, BertModel
+
+    from transferpipe.sources import sha256_of
 
     module = name.replace("-", "_")
     folder = site / module / "model"
@@ -190,7 +190,7 @@ def make_checkpoint_package(site: Path, tokenizer, name: str = "tiny-ckpt", vers
     info = site / f"{module}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    digest = sha256_of(folder / "model.safetensors")
     pin = site.parent / f"{name}.yaml"
     pin.write_text(
         f"package: {name}\nversion: {version}\nfolder: {module}/model\nweights: model.safetensors\nsha256: {digest}\n"

@@ -322,16 +322,19 @@ def lineage_tags(folder: Path) -> dict[str, str]:
     """Tags naming the data a run trained on: the sources.json that prepare writes and tokenize copies into
     its outputs (path, content hash, package version or hub revision of each source), and an encoder folder's
     checkpoint.json (the pinned checkpoint pretrain started from, with its digest)."""
-    tags = {}
-    path = Path(folder) / "sources.json"
+    lineage = {}
+    path = Path(folder) / "sources.json"  # name -> {path, sha256, ...} of each data source
     if path.is_file():
-        sources = json.loads(path.read_text(encoding="utf-8"))
-        tags |= {f"transferpipe.{name}.{k}": str(v) for name, info in sources.items() for k, v in info.items()}
+        lineage |= json.loads(path.read_text(encoding="utf-8"))
     path = Path(folder) / "checkpoint.json"  # the published checkpoint an encoder started from (pretrain)
     if path.is_file():
-        started_from = json.loads(path.read_text(encoding="utf-8"))
-        tags |= {f"transferpipe.checkpoint.{key}": str(value) for key, value in started_from.items()}
-    return tags
+        lineage["checkpoint"] = json.loads(path.read_text(encoding="utf-8"))
+    return lineage_to_tags(lineage)
+
+
+def lineage_to_tags(lineage: dict[str, dict]) -> dict[str, str]:
+    """{name: {key: value}} as MLflow tags transferpipe.<name>.<key>."""
+    return {f"transferpipe.{name}.{k}": str(v) for name, info in lineage.items() for k, v in info.items()}
 
 
 @contextlib.contextmanager
