@@ -10,15 +10,17 @@ registered version is tagged with the test set's sha256, the label names and its
 `champion` moves to the best version scored on this same test set; a champion scored on another stays.
 
 Inputs:  --data prepared splits (raw text), --models folders (each named after its variant:
-         models/finetuned/pretrained ...; a placeholder of a model not made, skipped.json, is left out)
+         models/finetuned/pretrained ...; a placeholder of a model not made, skipped.json, is left out),
+         --encoder the pretrained encoder (read only with evaluate.setfit: SetFit trains its own copy)
 Outputs: --metrics JSON (DVC metrics: accuracy and macro-F1 per model), --plots folder (DVC plots:
          models.json, one row per model; per model confusion_<model>.json {actual, predicted} rows and
          per_class_<model>.json precision / recall / F1)
-Params:  evaluate, tracking, finetune.labels_per_class and finetune.seed (the baseline's training labels),
-         tokenize.max_length and tokenize.max_windows (the windows a document is scored on)
+Params:  evaluate, tracking, finetune.labels_per_class and finetune.seed (the baselines' training labels),
+         tokenize.max_length and tokenize.max_windows (the windows a document is scored on), finetune.precision
+         (SetFit's autocast)
 Run:     python -m stages.evaluate --params params.yaml --data data/prepared \
-             --models models/finetuned/pretrained models/finetuned/scratch --metrics metrics/evaluate.json \
-             --plots plots/evaluate
+             --models models/finetuned/pretrained models/finetuned/scratch --encoder models/pretrained \
+             --metrics metrics/evaluate.json --plots plots/evaluate
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from pathlib import Path
 
 from transferpipe.data import per_class_indices, read_prepared
 from transferpipe.errors import UserError, run_cli
-from transferpipe.evaluation import classification_metrics, confusion_rows, per_class_rows, tfidf_logreg
+from transferpipe.evaluation import (
+    classification_metrics,
+    confusion_rows,
+    per_class_rows,
+    setfit_predict,
+    tfidf_logreg,
+)
 from transferpipe.inference import predict_texts
 from transferpipe.io import atomic_dir, read_json, skipped, write_json
 from transferpipe.modeling import load_classifier, pick_device
@@ -42,8 +50,10 @@ from transferpipe.params import (
 )
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion, split_sha256
+from transferpipe.training import use_bf16
 
 BASELINE = "tfidf_logreg"
+SETFIT = "setfit"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,12 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", type=Path, nargs="+", required=True)
+    parser.add_argument("--encoder", type=Path, help="the pretrained encoder SetFit starts from (evaluate.setfit)")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
     names = [folder.name for folder in args.models]
-    if len(set(names)) < len(names) or BASELINE in names:
-        raise UserError(f"--models folders need distinct names other than {BASELINE!r}: got {names}")
+    if len(set(names)) < len(names) or {BASELINE, SETFIT} & set(names):
+        raise UserError(f"--models folders need distinct names other than {BASELINE!r} and {SETFIT!r}: got {names}")
 
     check_params_file(args.params)  # every section, before any model is scored
     params = load_section(args.params, "evaluate", EvaluateParams)
@@ -64,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     selection = load_section(args.params, "finetune", FinetuneParams)  # only labels_per_class and seed
     windowing = load_section(args.params, "tokenize", TokenizeParams)  # only max_length and max_windows
     check_tracking(tracking)
+    if params.setfit and args.encoder is None:
+        raise UserError("params evaluate.setfit: true needs --encoder, the pretrained encoder SetFit starts from")
     splits, label_names, _ = read_prepared(args.data)
     test_texts, y_true = splits["test"]["text"].tolist(), splits["test"]["label"].tolist()
     # The baseline learns from the same training labels as the fine-tuned models (finetune.labels_per_class).
@@ -89,6 +102,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
         predictions[folder.name] = predicted.label_ids.tolist()
     predictions[BASELINE] = tfidf_logreg(train["text"].tolist(), train["label"].tolist(), test_texts, params).tolist()
+    if params.setfit:
+        predictions[SETFIT] = setfit_predict(
+            args.encoder,
+            train["text"].tolist(),
+            train["label"].tolist(),
+            test_texts,
+            max_length=windowing.max_length,
+            max_steps=params.setfit_max_steps,
+            seed=selection.seed,
+            bf16=use_bf16(selection.precision, device),
+        ).tolist()
     scores = {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}
     metrics = {"test": {name: {k: s[k] for k in ("accuracy", "macro_f1")} for name, s in scores.items()}}
 
@@ -99,9 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
             write_json(tmp / f"confusion_{name}.json", confusion_rows(y_true, pred, label_names))
             write_json(tmp / f"per_class_{name}.json", per_class_rows(scores[name]))
 
-    # In MLflow each fine-tuned model's run gets its scores as test/<metric> and the baseline's as
-    # test/tfidf_logreg_<metric>, so runs compare on the same keys.
-    baseline = {f"test/{BASELINE}_{key}": value for key, value in metrics["test"][BASELINE].items()}
+    # In MLflow each fine-tuned model's run gets its scores as test/<metric> and the baselines' as
+    # test/tfidf_logreg_<metric> (and test/setfit_<metric>), so runs compare on the same keys.
+    baseline = {
+        f"test/{name}_{key}": value
+        for name in (BASELINE, SETFIT)
+        if name in metrics["test"]
+        for key, value in metrics["test"][name].items()
+    }
     # The champion is chosen only among versions scored on this very test set with these label names.
     test_sha256 = split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
     for folder in args.models:

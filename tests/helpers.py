@@ -28,6 +28,7 @@ TOPICS = {
 # The tiny transformer encoders (conftest's tiny_encoders): their architectures and sizes.
 ENCODER_ARCHITECTURES = ["modernbert", "bert"]
 TINY_ENCODER = ModelParams(
+    checkpoint=None,
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
 )
 

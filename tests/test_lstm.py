@@ -48,7 +48,7 @@ from transferpipe.pretraining import NextTokenLM, held_out_batches, held_out_los
 from transferpipe.tokenization import pack_blocks
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
-TINY = ModelParams(architecture="lstm", hidden_size=32, num_hidden_layers=3)
+TINY = ModelParams(checkpoint=None, architecture="lstm", hidden_size=32, num_hidden_layers=3)
 
 
 @pytest.fixture

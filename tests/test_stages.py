@@ -14,8 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import PreTrainedTokenizerFast
 
-from stages import finetune, pretrain
+from stages import evaluate, finetune, pretrain
 from tests.helpers import dvc_commands, files_in, run_short, tiny_params
+from transferpipe.errors import UserError
 from transferpipe.sources import sha256_of
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
@@ -324,3 +325,36 @@ def test_electra_pretraining_saves_the_discriminator_encoder_that_finetune_start
          "--metrics", f"{d}/f.json", "--plots", f"{d}/fp"]
     )  # fmt: skip
     assert math.isfinite(finetuned["validation"]["loss"])
+
+
+def test_setfit_scores_beside_the_models_on_the_same_labels(pipeline_dir: Path) -> None:
+    """evaluate.setfit: SetFit trains on the pretrained encoder with the baseline's training labels and is scored
+    on the same test documents, beside the fine-tuned models; the same seed gives the same predictions."""
+    d = pipeline_dir
+    (d / "setfit").mkdir()
+    params = tiny_params(
+        d / "setfit", prepare={"source": "unused"}, tokenize={"max_length": 16}, evaluate={"setfit": True,
+        "setfit_max_steps": 3}
+    )  # fmt: skip
+    outputs = []
+    for run in ("a", "b"):
+        metrics = evaluate.main(
+            ["--params", str(params), "--data", f"{d}/data/prepared", "--models", f"{d}/models/finetuned/pretrained",
+             "--encoder", f"{d}/models/pretrained", "--metrics", f"{d}/{run}.json", "--plots", f"{d}/{run}"]
+        )  # fmt: skip
+        outputs.append((d / run / "confusion_setfit.json").read_text())
+    assert list(metrics["test"]) == ["pretrained", "tfidf_logreg", "setfit"]
+    assert 0 <= metrics["test"]["setfit"]["macro_f1"] <= 1
+    assert len(json.loads(outputs[0])) == 12  # one row per test document
+    assert outputs[0] == outputs[1]
+    # The fine-tuned model's score is untouched by the extra system.
+    assert metrics["test"]["pretrained"] == json.loads((d / "metrics/evaluate.json").read_text())["test"]["pretrained"]
+
+
+def test_setfit_needs_a_transformer_encoder(tmp_path: Path) -> None:
+    params = tiny_params(tmp_path, model={"architecture": "lstm"}, evaluate={"setfit": True})
+    with pytest.raises(UserError, match=r"evaluate.setfit: True must be false with model.architecture lstm"):
+        evaluate.main(
+            ["--params", str(params), "--data", "d", "--models", "m", "--encoder", "e", "--metrics", "x.json",
+             "--plots", "p"]
+        )  # fmt: skip

@@ -1,8 +1,12 @@
-"""Test-set metrics with scikit-learn, and the TF-IDF + logistic-regression baseline."""
+"""Test-set metrics with scikit-learn, the TF-IDF + logistic-regression baseline, and SetFit."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -10,6 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.pipeline import make_pipeline
 
+from transferpipe.errors import UserError
+from transferpipe.modeling import quiet_loading
 from transferpipe.params import EvaluateParams
 
 
@@ -57,3 +63,51 @@ def tfidf_logreg(
     )
     model.fit(train_texts, train_labels)
     return model.predict(test_texts)
+
+
+def setfit_predict(
+    encoder_dir: Path,
+    train_texts: list[str],
+    train_labels: list[int],
+    test_texts: list[str],
+    *,
+    max_length: int,
+    max_steps: int,
+    seed: int,
+    bf16: bool,
+) -> np.ndarray:
+    """Predictions of SetFit (Tunstall et al. 2022, through the `setfit` library) on the same labels: the encoder,
+    mean-pooled (as sentence-transformers pools), fine-tuned contrastively on pairs of the training texts (same
+    label: similar; 20 pairs per text, at most max_steps batches of 16), then a logistic regression on its
+    embeddings. Texts are truncated to max_length tokens, for training and prediction alike."""
+    try:
+        from setfit import SetFitModel, Trainer, TrainingArguments
+    except ImportError:
+        raise UserError("params evaluate.setfit: true needs the setfit package: pip install -e '.[setfit]'") from None
+    import datasets
+
+    setfit_logger = logging.getLogger("setfit")
+    level = setfit_logger.level
+    setfit_logger.setLevel(logging.ERROR)  # "model_head.pkl not found": the head is trained below
+    try:
+        with quiet_loading():
+            model = SetFitModel.from_pretrained(str(encoder_dir))
+    finally:
+        setfit_logger.setLevel(level)
+    model.model_body.max_seq_length = max_length
+    train = datasets.Dataset.from_dict({"text": train_texts, "label": train_labels})
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        args = TrainingArguments(
+            output_dir=out,
+            batch_size=16,
+            num_epochs=1,
+            num_iterations=20,
+            max_steps=max_steps,
+            seed=seed,
+            use_amp=bf16,
+            report_to="none",
+            save_strategy="no",
+        )
+        Trainer(model=model, args=args, train_dataset=train).train()
+    return np.asarray(model.predict(test_texts, batch_size=64))

@@ -10,7 +10,8 @@ fine-tuned with the same heads-and-layers machinery below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging as transformers_logging
 
 from transferpipe.errors import UserError
 from transferpipe.lstm import LSTMConfig, LSTMForCausalLM
@@ -126,6 +128,18 @@ def new_encoder_config(params: ModelParams, tokenizer: PreTrainedTokenizerBase) 
     )
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' load report (a table of missing and unexpected keys, warnings about tied weights) kept
+    quiet where the pipeline says in one line what was added: a fresh pretraining head, a new classifier."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def _pretraining_auto_class(config: PretrainedConfig) -> type:
     return AutoModelForCausalLM if isinstance(config, LSTMConfig) else AutoModelForMaskedLM
 
@@ -138,7 +152,10 @@ def pretraining_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase) -
         return padding_safe(_pretraining_auto_class(config).from_config(config))
     try:
         config = AutoConfig.from_pretrained(params.checkpoint)
-        model, loading = _pretraining_auto_class(config).from_pretrained(params.checkpoint, output_loading_info=True)
+        with quiet_loading():
+            model, loading = _pretraining_auto_class(config).from_pretrained(
+                params.checkpoint, output_loading_info=True
+            )
     except (OSError, ValueError) as exc:
         raise UserError(
             f"could not load a model to pretrain from {params.checkpoint!r}: {str(exc).splitlines()[0]}"
@@ -194,7 +211,13 @@ def sequence_classifier(
     )
     if hasattr(config, "classifier_pooling"):
         config.classifier_pooling = classifier_pooling
-    return padding_safe(AutoModelForSequenceClassification.from_pretrained(str(encoder_dir), config=config))
+    with quiet_loading():
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            str(encoder_dir), config=config, output_loading_info=True
+        )
+    new = loading["missing_keys"]
+    print(f"a new classification head on the encoder of {encoder_dir} ({len(new)} tensors: {', '.join(sorted(new))})")
+    return padding_safe(model)
 
 
 def load_classifier(folder: str | Path) -> PreTrainedModel:

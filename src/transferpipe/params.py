@@ -84,7 +84,7 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    checkpoint: str | None = None
+    checkpoint: str | None = "models/sources/all-minilm-l6-v2.yaml"
     """a `save_pretrained` folder, a hub name (e.g. `bert-base-uncased`) or a source file pinning a published
     checkpoint by digest (`models/sources/all-minilm-l6-v2.yaml`) to start from, with its own tokenizer and
     sizes; `null` builds a new encoder from the keys below
@@ -141,9 +141,9 @@ class TokenizeParams:
 
 @dataclass(frozen=True)
 class PretrainParams:
-    enabled: bool = True
+    enabled: bool = False
     """`false`: save the starting encoder untrained (skip pretraining)"""
-    scratch_baseline: bool = True
+    scratch_baseline: bool = False
     """also save the same architecture untrained (`models/scratch`), which finetune and evaluate score beside the
     pretrained encoder: what pretraining is worth. `false`: a placeholder instead, and finetune@scratch and evaluate
     skip it (a published checkpoint's random twin costs a full fine-tuning and tells nothing new)"""
@@ -195,12 +195,12 @@ class PretrainParams:
 class FinetuneParams:
     epochs: int = ranged(4, ge=1)
     """most epochs (early stopping may end sooner); the number of validations when `min_steps` adds epochs"""
-    min_steps: int = ranged(0, ge=0)
+    min_steps: int = ranged(100, ge=0)
     """at least this many optimizer steps: a small training set (few `labels_per_class`) is repeated for more
     epochs, validated `epochs` times at even intervals, so 25 examples train as long as a recipe needs"""
     batch_size: int = ranged(16, ge=1)
     """examples per step, the global batch over all processes"""
-    encoder_learning_rate: float = ranged(5.0e-4, gt=0)
+    encoder_learning_rate: float = ranged(5.0e-5, gt=0)
     """peak learning rate of the encoder"""
     head_learning_rate: float = ranged(1.0e-3, gt=0)
     """peak learning rate of the new classification head"""
@@ -229,7 +229,7 @@ class FinetuneParams:
     monitor: Literal["macro_f1", "loss"] = "macro_f1"
     """the validation metric that picks the epoch kept and stops early: macro-F1 (higher is better) or cross-entropy
     (lower is better; smoother on a small validation set)"""
-    early_stopping_patience: int = ranged(2, ge=1)
+    early_stopping_patience: int = ranged(4, ge=1)
     """validations (one per epoch, or per `min_steps / epochs` steps) without a better `monitor` before stopping;
     the best one's weights are kept"""
     max_grad_norm: float = ranged(1.0, gt=0)
@@ -254,6 +254,12 @@ class EvaluateParams:
     """TF-IDF vocabulary size of the baseline"""
     baseline_C: float = ranged(10.0, gt=0)
     """inverse regularization strength of the baseline's logistic regression"""
+    setfit: bool = False
+    """also SetFit (the `setfit` library; `pip install -e '.[setfit]'`): the pretrained encoder, mean-pooled, trained
+    contrastively on pairs of the same training labels, then logistic regression on its embeddings; a transformer
+    encoder only ([pipeline.md](pipeline.md#setfit))"""
+    setfit_max_steps: int = ranged(100, ge=1)
+    """SetFit's contrastive steps (batches of 16 pairs; 20 pairs per training example, at most this many batches)"""
 
 
 @dataclass(frozen=True)
@@ -331,6 +337,12 @@ def check_params(params: Params) -> None:
         "prepare.validation_size",
         prepare.validation_size,
         f"< 1 - prepare.test_size ({prepare.test_size}), leaving rows to train on",
+    )
+    _require(
+        not (params.evaluate.setfit and model.checkpoint is None and model.architecture == "lstm"),
+        "evaluate.setfit",
+        params.evaluate.setfit,
+        "false with model.architecture lstm (SetFit trains a transformer encoder)",
     )
     if model.checkpoint is not None:
         return  # a checkpoint brings its own sizes and position limit (checked when it loads, not downloaded here)
