@@ -29,7 +29,11 @@ TOPICS = {
 ENCODER_ARCHITECTURES = ["modernbert", "bert"]
 TINY_ENCODER = ModelParams(
     checkpoint=None,
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
 )
 
 
