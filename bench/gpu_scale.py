@@ -31,6 +31,10 @@ from transferpipe.params import read_params_file
 
 # The GPU-scale overrides of params.yaml (the README's GPU command sets the same; tests/test_consistency.py).
 GPU_SCALE = {
+    "model.checkpoint": None,  # the encoder pretrained here (the default fine-tunes a published checkpoint)
+    "pretrain.enabled": True,
+    "pretrain.scratch_baseline": True,
+    "finetune.min_steps": 0,
     "tokenize.max_length": 512,
     "tokenize.block_size": 512,
     "tokenize.num_proc": 8,

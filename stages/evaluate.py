@@ -13,8 +13,9 @@ Inputs:  --data prepared splits (raw text), --models folders (each named after i
          models/finetuned/pretrained ...; a placeholder of a model not made, skipped.json, is left out),
          --encoder the pretrained encoder (read only with evaluate.setfit: SetFit trains its own copy)
 Outputs: --metrics JSON (DVC metrics: accuracy and macro-F1 per model), --plots folder (DVC plots:
-         models.json, one row per model; per model confusion_<model>.json {actual, predicted} rows and
-         per_class_<model>.json precision / recall / F1)
+         models.json, one row per model; per model confusion_<model>.json {actual, predicted} rows, one per
+         test document in order, and per_class_<model>.json precision / recall / F1; test_set.json, the test
+         split's sha256, size and label names, which a review pairs predictions by)
 Params:  evaluate, tracking, finetune.labels_per_class and finetune.seed (the baselines' training labels),
          tokenize.max_length and tokenize.max_windows (the windows a document is scored on), finetune.precision
          (SetFit's autocast)
@@ -116,8 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {name: classification_metrics(y_true, pred, label_names) for name, pred in predictions.items()}
     metrics = {"test": {name: {k: s[k] for k in ("accuracy", "macro_f1")} for name, s in scores.items()}}
 
+    # The test set the predictions belong to, so a review pairs them only with predictions of the same documents.
+    test_sha256 = split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
     write_json(args.metrics, metrics)
     with atomic_dir(args.plots) as tmp:
+        write_json(tmp / "test_set.json", {"sha256": test_sha256, "documents": len(y_true), "labels": label_names})
         write_json(tmp / "models.json", [{"model": name, **values} for name, values in metrics["test"].items()])
         for name, pred in predictions.items():
             write_json(tmp / f"confusion_{name}.json", confusion_rows(y_true, pred, label_names))
@@ -132,7 +136,6 @@ def main(argv: list[str] | None = None) -> dict:
         for key, value in metrics["test"][name].items()
     }
     # The champion is chosen only among versions scored on this very test set with these label names.
-    test_sha256 = split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
     for folder in args.models:
         training_run = read_json(folder / "training_run.json")
         run_id = training_run.get("mlflow_run_id")

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from tests.helpers import TOPICS, make_corpus
-from transferpipe.evaluation import classification_metrics, confusion, confusion_rows, tfidf_logreg
+from transferpipe.evaluation import (
+    _weighted_scores,
+    classification_metrics,
+    confusion,
+    confusion_rows,
+    paired_bootstrap,
+    tfidf_logreg,
+)
 from transferpipe.params import EvaluateParams
 
 # Six examples, three classes. By hand:
@@ -89,3 +97,29 @@ def test_a_document_is_scored_by_the_mean_logits_of_its_windows() -> None:
     # A shard (a selection) keeps its own documents, in order.
     logits, labels = document_logits(windows[3:].astype(np.float32), split.select(range(3, 6)))
     assert logits.shape == (2, 3) and labels.tolist() == [0, 1]
+
+
+def test_paired_bootstrap_matches_the_hand_computed_distribution() -> None:
+    """Four documents, one fixed by the head: a draw's accuracy delta is K/4 with K ~ Binomial(4, 1/4), so
+    P(0) = 0.316, P(<= 1/4) = 0.738, P(<= 2/4) = 0.949, P(<= 3/4) = 0.996: the 2.5th percentile is 0 and the
+    97.5th is 3/4. The interval includes 0, so the verdict is within noise."""
+    deltas = paired_bootstrap([0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 1, 1], num_labels=2)
+    acc = deltas["accuracy"]
+    assert (acc.base, acc.head, acc.delta, acc.low, acc.high) == (0.75, 1.0, 0.25, 0.0, 0.75)
+    assert acc.verdict == "within noise"
+    # Macro-F1 at the test set as it is equals classification_metrics' (sklearn's) value.
+    f1 = deltas["macro_f1"]
+    assert f1.base == pytest.approx(classification_metrics([0, 0, 1, 1], [0, 0, 1, 0], ["a", "b"])["macro_f1"])
+    assert f1.head == 1.0
+
+
+def test_paired_bootstrap_macro_f1_under_weights_equals_sklearn_on_the_resampled_set() -> None:
+    """A draw weights documents by how often they were drawn; the score equals sklearn's on the expanded set."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.7, y, rng.integers(0, 4, 60))
+    counts = rng.multinomial(60, np.full(60, 1 / 60), size=5).astype(float)
+    ours = _weighted_scores("macro_f1", y, pred, 4, counts)
+    for row, score in zip(counts.astype(int), ours, strict=True):
+        idx = np.repeat(np.arange(60), row)
+        assert score == pytest.approx(f1_score(y[idx], pred[idx], labels=range(4), average="macro", zero_division=0))

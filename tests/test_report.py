@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
+from transferpipe.report import Side, verdicts_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32
@@ -188,3 +189,52 @@ def test_unknown_base_is_one_line_and_exit_2(repo: tuple[Path, dict[str, str]]) 
         "fetch it (git fetch origin main) or pass another --base"
     ]
     assert not (root / "bad.md").exists()
+
+
+def side(label: str, files: dict[str, object]) -> Side:
+    """A report side over in-memory files (JSON-encoded on read)."""
+    return Side(
+        label,
+        lambda p: json.dumps(files[p]) if p in files else None,
+        lambda d: sorted(p for p in files if p.startswith(d + "/")),
+    )
+
+
+def evaluated(sha256: str, actual: list[str], predicted: dict[str, list[str]]) -> dict[str, object]:
+    files: dict[str, object] = {
+        "plots/evaluate/test_set.json": {"sha256": sha256, "documents": len(actual), "labels": ["sport", "tech"]}
+    }
+    for model, pred in predicted.items():
+        files[f"plots/evaluate/confusion_{model}.json"] = [
+            {"actual": a, "predicted": p} for a, p in zip(actual, pred, strict=True)
+        ]
+    return files
+
+
+def test_verdicts_give_every_delta_its_interval() -> None:
+    """200 test documents. The fine-tuned model fixes 30 of the base's 40 errors (better), the baseline is
+    unchanged (within noise, [0, 0]), the scratch model loses 30 right answers (worse)."""
+    actual = ["sport", "tech"] * 100
+    flip = {"sport": "tech", "tech": "sport"}
+    wrong_40 = [flip[a] if i < 40 else a for i, a in enumerate(actual)]
+    wrong_10 = [flip[a] if i < 10 else a for i, a in enumerate(actual)]
+    wrong_70 = [flip[a] if i < 70 else a for i, a in enumerate(actual)]
+    base = side("base", evaluated("s", actual, {"pretrained": wrong_40, "tfidf_logreg": wrong_10, "scratch": wrong_40}))
+    head = side("head", evaluated("s", actual, {"pretrained": wrong_10, "tfidf_logreg": wrong_10, "scratch": wrong_70}))
+    lines = {line.split("**")[1]: line for line in verdicts_section(base, head) if line.startswith("- **")}
+    assert set(lines) == {"pretrained", "tfidf_logreg", "scratch"}
+    assert "accuracy 0.8000 → 0.9500, +15.00 points [+" in lines["pretrained"]
+    assert lines["pretrained"].count("**better**") == 2
+    assert "accuracy 0.9500 → 0.9500, +0.00 points [+0.00, +0.00]: **within noise**" in lines["tfidf_logreg"]
+    assert lines["scratch"].count("**worse**") == 2
+
+
+def test_no_verdicts_across_different_test_sets_or_without_the_record() -> None:
+    actual = ["sport", "tech"]
+    head = side("head", evaluated("s", actual, {"pretrained": actual}))
+    other = side("base", evaluated("t", actual, {"pretrained": actual}))
+    assert any("No verdicts: the test sets differ" in line for line in verdicts_section(other, head))
+    files = evaluated("s", actual, {"pretrained": actual})
+    older = side("base", {k: v for k, v in files.items() if "test_set" not in k})
+    lines = verdicts_section(older, head)
+    assert any("No verdicts: base has no plots/evaluate/test_set.json" in line for line in lines)

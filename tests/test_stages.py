@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,6 +19,7 @@ from stages import evaluate, finetune, pretrain
 from tests.helpers import dvc_commands, files_in, run_short, tiny_params
 from transferpipe.errors import UserError
 from transferpipe.sources import sha256_of
+from transferpipe.tracking import split_sha256
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 
@@ -63,6 +65,7 @@ def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:
     }
     assert files_in(d / "plots/evaluate") == {
         "models.json",
+        "test_set.json",
         *(
             f"{kind}_{model}.json"
             for kind in ("confusion", "per_class")
@@ -130,6 +133,14 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
     assert ev["test"]["tfidf_logreg"]["accuracy"] >= 0.8
     rows = json.loads((d / "plots/evaluate/confusion_pretrained.json").read_text())
     assert len(rows) == 12 and set(rows[0]) == {"actual", "predicted"}
+    # What a review pairs predictions by: the test split's digest (the one the registry tags), size and labels.
+    test_set = json.loads((d / "plots/evaluate/test_set.json").read_text())
+    test = pd.read_parquet(d / "data/prepared/test.parquet")
+    assert test_set == {
+        "sha256": split_sha256(test["text"].tolist(), test["label"].tolist()),
+        "documents": 12,
+        "labels": sorted(LABELS),
+    }
     curve = (d / "plots/pretrain/eval.csv").read_text().splitlines()
     assert curve[0] == "step,epoch,loss,perplexity" and [r.split(",")[0] for r in curve[1:]] == ["3", "6"]
 

@@ -8,6 +8,11 @@ in DVC outputs (models/*/training_run.json): the working tree's are read from di
 `dvc.api.read`, from the local cache or else the default DVC remote; where neither has them (a fresh clone with
 no remote, as on a CI runner) they are reported as unknown.
 
+Verdicts come first: for each model scored at both revisions on the same test set (plots/evaluate/test_set.json,
+the split's sha256), a paired bootstrap of the test macro-F1 and accuracy deltas over the per-document
+predictions (plots/evaluate/confusion_<model>.json; transferpipe.evaluation.paired_bootstrap) gives each
+delta a 95% interval and one word: better, worse, or within noise.
+
 Figures are PNGs (matplotlib, Agg) with the base on the left and the working tree on the right, written to an
 images folder next to the report and linked by relative path.
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from transferpipe.errors import UserError
-from transferpipe.evaluation import confusion
+from transferpipe.evaluation import PairedDelta, confusion, paired_bootstrap
 from transferpipe.io import write_text_atomic
 
 PARAMS_FILE = "params.yaml"
@@ -100,6 +105,7 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
     link_prefix = Path(os.path.relpath(images_dir.resolve(), out.resolve().parent)).as_posix()
 
     lines = [f"# transferpipe report: {new.label} vs {old.label}", ""]
+    lines += verdicts_section(old, new)
     lines += _dvc_diff_section(root, "params", base, "Params", f"No params changed in {PARAMS_FILE}.")
     lines += _dvc_diff_section(root, "metrics", base, "Metrics", f"No metrics changed under {METRICS_DIR}/.")
     lines += _runs_section(root, base_sha, new)
@@ -124,6 +130,65 @@ def resolve_revision(root: Path, rev: str) -> str:
         raise UserError(
             f"base revision {rev!r} not found in this clone; fetch it (git fetch origin main) or pass another --base"
         ) from None
+
+
+# --- verdicts: every delta with its noise --------------------------------------------------------------------
+
+RESAMPLES = 10_000
+TEST_SET_FILE = f"{EVALUATE_PLOTS_DIR}/test_set.json"
+
+
+def verdicts_section(old: Side, new: Side) -> list[str]:
+    """One line per model scored at both revisions: the macro-F1 and accuracy deltas with their paired-bootstrap
+    95% intervals and a verdict, or why there is none."""
+    lines = ["## Verdicts", ""]
+    sets = [_load_json(side.read(TEST_SET_FILE), TEST_SET_FILE) for side in (old, new)]
+    missing = [side.label for side, found in zip((old, new), sets, strict=True) if not found.get("sha256")]
+    if missing:
+        return lines + [f"No verdicts: {' and '.join(missing)} has no {TEST_SET_FILE} (evaluate writes it).", ""]
+    if sets[0]["sha256"] != sets[1]["sha256"]:
+        return lines + [
+            f"No verdicts: the test sets differ (sha256 {sets[0]['sha256'][:12]} against {sets[1]['sha256'][:12]}), "
+            "so the scores are not comparable document by document.",
+            "",
+        ]
+    labels = {name: i for i, name in enumerate(dict.fromkeys([*sets[1]["labels"], *sets[0]["labels"]]))}
+    models = [m for m in _models(new) if m in _models(old)]
+    for model in models:
+        path = f"{EVALUATE_PLOTS_DIR}/confusion_{model}.json"
+        rows = [_load_json(side.read(path), path) for side in (old, new)]
+        actual = [[labels[r["actual"]] for r in side] for side in rows]
+        if actual[0] != actual[1] or len(actual[1]) != sets[1]["documents"]:
+            lines.append(f"- **{model}**: no verdict, its predictions do not cover the same test documents in order")
+            continue
+        base, head = ([labels[r["predicted"]] for r in side] for side in rows)
+        deltas = paired_bootstrap(actual[1], base, head, len(labels), resamples=RESAMPLES)
+        lines.append(f"- **{model}**: " + "; ".join(_delta_text(d) for d in deltas.values()))
+    if not models:
+        lines.append("No model was scored at both revisions.")
+    lines += [
+        "",
+        f"Paired bootstrap over the {sets[1]['documents']} test documents ({RESAMPLES:,} resamples, seed 0), 95% "
+        "intervals of head minus base in points; better or worse when the interval excludes 0.",
+        "",
+    ]
+    return lines
+
+
+def _models(side: Side) -> list[str]:
+    return sorted(
+        Path(p).stem.removeprefix("confusion_")
+        for p in side.list_dir(EVALUATE_PLOTS_DIR)
+        if Path(p).name.startswith("confusion_") and p.endswith(".json")
+    )
+
+
+def _delta_text(d: PairedDelta) -> str:
+    name = "macro-F1" if d.metric == "macro_f1" else d.metric
+    return (
+        f"{name} {d.base:.4f} → {d.head:.4f}, {100 * d.delta:+.2f} points "
+        f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]: **{d.verdict}**"
+    )
 
 
 # --- params and metrics: DVC's own diffs ------------------------------------------------------------------
@@ -221,13 +286,7 @@ def _figures_section(old: Side, new: Side, images_dir: Path, link_prefix: str) -
         _curve_figure(images_dir / name, title, series, ylabel, old, new)
         lines += [f"![{title}]({link_prefix}/{name})", ""]
     lines += ["## Confusion matrices (test set)", "", f"Left: {old.label}. Right: {new.label}.", ""]
-    models = sorted(
-        {
-            Path(p).stem.removeprefix("confusion_")
-            for p in old.list_dir(EVALUATE_PLOTS_DIR) + new.list_dir(EVALUATE_PLOTS_DIR)
-            if Path(p).name.startswith("confusion_") and p.endswith(".json")
-        }
-    )
+    models = sorted(set(_models(old)) | set(_models(new)))
     if not models:
         lines += [f"No confusion matrices under {EVALUATE_PLOTS_DIR}/ on either side.", ""]
     for model in models:
