@@ -7,15 +7,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 from tests.helpers import TOPICS, make_corpus
-from transferpipe.evaluation import (
-    _weighted_scores,
-    classification_metrics,
-    confusion,
-    confusion_rows,
-    paired_bootstrap,
-    tfidf_logreg,
-)
+from transferpipe.evaluation import classification_metrics, confusion, confusion_rows, tfidf_logreg
 from transferpipe.params import EvaluateParams
+from transferpipe.significance import _weighted_scores, paired_bootstrap
 
 # Six examples, three classes. By hand:
 #   a: predicted at 0,1 (both right) -> precision 2/2, recall 2/3, F1 0.8,  support 3

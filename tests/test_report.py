@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
-from transferpipe.report import Side, verdicts_section
+from transferpipe.report import Side, freshness_line, verdicts_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32
@@ -238,3 +238,37 @@ def test_no_verdicts_across_different_test_sets_or_without_the_record() -> None:
     older = side("base", {k: v for k, v in files.items() if "test_set" not in k})
     lines = verdicts_section(older, head)
     assert any("No verdicts: base has no plots/evaluate/test_set.json" in line for line in lines)
+
+
+def test_the_first_line_says_whether_the_committed_results_are_current(tmp_path: Path) -> None:
+    """A one-stage pipeline run by the real dvc: after `dvc repro` its results are current; a param changed
+    and committed without a rerun makes them stale, named with the param; a rerun makes them current again."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
+    env |= {"DVC_NO_ANALYTICS": "1"}
+    root = tmp_path / "repo"
+    root.mkdir()
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
+                 ["git", "config", "user.name", "t"], [sys.executable, "-m", "dvc", "init", "-q"]):  # fmt: skip
+        sh(args, root, env)
+    (root / "params.yaml").write_text("finetune:\n  epochs: 3\n")
+    (root / "train.py").write_text(
+        "import json, yaml\n"
+        "epochs = yaml.safe_load(open('params.yaml'))['finetune']['epochs']\n"
+        "json.dump({'macro_f1': 1 - 1 / (epochs + 1)}, open('scores.json', 'w'))\n"
+    )
+    stage = {"cmd": f"{sys.executable} train.py", "deps": ["train.py"], "params": ["finetune.epochs"],
+             "metrics": [{"scores.json": {"cache": False}}]}  # fmt: skip
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+
+    def first_line() -> str:
+        sh(["git", "add", "-A"], root, env)
+        sh(["git", "commit", "-qm", "step"], root, env)
+        return freshness_line(root)
+
+    sh([sys.executable, "-m", "dvc", "repro", "-q"], root, env)
+    assert first_line().startswith("**Results are current**")
+    (root / "params.yaml").write_text("finetune:\n  epochs: 5\n")
+    stale = first_line()
+    assert stale.startswith("**Results are stale**: changed since they were run: train (params.yaml: finetune.epochs)")
+    sh([sys.executable, "-m", "dvc", "repro", "-q"], root, env)
+    assert first_line().startswith("**Results are current**")

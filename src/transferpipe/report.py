@@ -10,7 +10,7 @@ no remote, as on a CI runner) they are reported as unknown.
 
 Verdicts come first: for each model scored at both revisions on the same test set (plots/evaluate/test_set.json,
 the split's sha256), a paired bootstrap of the test macro-F1 and accuracy deltas over the per-document
-predictions (plots/evaluate/confusion_<model>.json; transferpipe.evaluation.paired_bootstrap) gives each
+predictions (plots/evaluate/confusion_<model>.json; transferpipe.significance.paired_bootstrap) gives each
 delta a 95% interval and one word: better, worse, or within noise.
 
 Figures are PNGs (matplotlib, Agg) with the base on the left and the working tree on the right, written to an
@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from transferpipe.errors import UserError
-from transferpipe.evaluation import PairedDelta, confusion, paired_bootstrap
+from transferpipe.evaluation import confusion
 from transferpipe.io import write_text_atomic
+from transferpipe.significance import PairedDelta, paired_bootstrap
 
 PARAMS_FILE = "params.yaml"
 METRICS_DIR = "metrics"
@@ -104,7 +105,7 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
     images_dir.mkdir(parents=True, exist_ok=True)
     link_prefix = Path(os.path.relpath(images_dir.resolve(), out.resolve().parent)).as_posix()
 
-    lines = [f"# transferpipe report: {new.label} vs {old.label}", ""]
+    lines = [freshness_line(root), "", f"# transferpipe report: {new.label} vs {old.label}", ""]
     lines += verdicts_section(old, new)
     lines += _dvc_diff_section(root, "params", base, "Params", f"No params changed in {PARAMS_FILE}.")
     lines += _dvc_diff_section(root, "metrics", base, "Metrics", f"No metrics changed under {METRICS_DIR}/.")
@@ -130,6 +131,61 @@ def resolve_revision(root: Path, rev: str) -> str:
         raise UserError(
             f"base revision {rev!r} not found in this clone; fetch it (git fetch origin main) or pass another --base"
         ) from None
+
+
+# --- freshness: do the committed results belong to this code, params and data? ---------------------------
+
+
+def freshness_line(root: Path) -> str:
+    """The report's first line, from `dvc status` of the working tree against its dvc.lock: the stages whose
+    code, params, command or upstream outputs changed since they were run (their committed results are stale),
+    or that every stage's inputs in git are the ones it ran with. Outputs missing here (no DVC cache or remote,
+    as in a fresh clone) cannot be checked, which the line says."""
+    status = json.loads(_dvc(root, "status", "--json").strip() or "{}")
+    outputs = _lock_outputs(root)
+    stale, unverified = {}, set()
+    for stage, entries in status.items():
+        reasons = []
+        for entry in entries:
+            if isinstance(entry, str):  # "changed command", "always changed"
+                reasons.append(entry.removeprefix("changed "))
+                continue
+            for path, change in (entry.get("changed deps") or {}).items():
+                if isinstance(change, dict):  # params: {section: modified}
+                    reasons += [f"{path}: {key}" for key in change]
+                elif change == "deleted" and _is_output(path, outputs):
+                    unverified.add(stage)  # an upstream output not here: unknown, not stale
+                else:
+                    reasons.append(path)
+            for path, change in (entry.get("changed outs") or {}).items():
+                if change == "modified":
+                    reasons.append(f"{path} differs from dvc.lock")
+                else:
+                    unverified.add(stage)
+        if reasons:
+            stale[stage] = sorted(set(reasons))
+    if stale:
+        why = "; ".join(f"{stage} ({', '.join(reasons)})" for stage, reasons in stale.items())
+        return (
+            f"**Results are stale**: changed since they were run: {why}. "
+            "Rerun `dvc repro` (or `dvc exp run`), commit dvc.lock, metrics and plots, and `dvc push`."
+        )
+    line = "**Results are current**: every stage ran with the code, params and data committed here (`dvc status`)."
+    if unverified:
+        line += " The models themselves were not checked: their DVC outputs are not here (no cache, no remote)."
+    return line
+
+
+def _lock_outputs(root: Path) -> set[str]:
+    import yaml
+
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}) if lock.is_file() else {}
+    return {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def _is_output(path: str, outputs: set[str]) -> bool:
+    return any(path == out or path.startswith(out.rstrip("/") + "/") for out in outputs)
 
 
 # --- verdicts: every delta with its noise --------------------------------------------------------------------
