@@ -90,21 +90,25 @@ def remote(origin: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPat
 
 
 def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    """The workflow's steps after the install, as written in pull-request.yml, on a runner's fresh checkout."""
+    """The workflow's steps after the install, as written in pull-request.yml, on a runner's fresh checkout of a
+    pull request that changes a param of the pipeline without rerunning it, and the tiny CI profile."""
     root, _ = origin
     job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["report"]
     steps = {step.get("name"): step for step in job["steps"]}
     clone, env = fresh_clone(root, tmp_path / "clone", "main")
-    env |= {key: str(value) for key, value in job.get("env", {}).items()}
-    # The pull request: one commit on top of origin/main that changes fine-tuning epochs in the CI profile.
-    profile = clone / "tests/fixtures/params-tiny.yaml"
-    text = profile.read_text()
-    epochs = yaml.safe_load(text)["finetune"]["epochs"]
+    env |= {key: str(value) for key, value in job.get("env", {}).items() if "${{" not in str(value)}
+    # The pull request: one commit on top of origin/main that changes fine-tuning epochs in params.yaml (not
+    # rerun) and the learning rate of the tiny CI profile.
+    params, profile = clone / "params.yaml", clone / "tests/fixtures/params-tiny.yaml"
+    epochs = yaml.safe_load(params.read_text())["finetune"]["epochs"]
     new_epochs = 1 if epochs > 1 else 2
-    assert text.count(f"  epochs: {epochs}\n") == 1
-    profile.write_text(text.replace(f"  epochs: {epochs}\n", f"  epochs: {new_epochs}\n"))
+    assert params.read_text().count(f"  epochs: {epochs}\n") == 1
+    params.write_text(params.read_text().replace(f"  epochs: {epochs}\n", f"  epochs: {new_epochs}\n"))
+    text = profile.read_text()
+    assert text.count("  head_learning_rate: ") == 1
+    profile.write_text(re.sub(r"  head_learning_rate: \S+", "  head_learning_rate: 2.0e-3", text))
     git_user = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
-    sh(["git", *git_user, "commit", "-qam", f"CI profile: {new_epochs} fine-tuning epochs"], clone, env)
+    sh(["git", *git_user, "commit", "-qam", f"{new_epochs} fine-tuning epochs; CI profile head rate"], clone, env)
 
     def expand(value: str) -> str:
         for expression, replacement in GITHUB_CONTEXT.items():
@@ -121,29 +125,36 @@ def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, st
         # How Actions runs a `run:` script on Linux.
         return sh(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", expand(script)], clone, script_env)
 
-    run_step("Run the pipeline with the tiny CI profile")
-    built = run_step("Build the report against the base branch")
+    assert steps["Pull the pull request's DVC outputs"]["if"] == "env.DVC_REMOTE_URL != ''"  # no secret here
+    built = run_step("Review the committed results against the base")
     assert "Traceback" not in built.stdout + built.stderr
-    text = re.sub(" +", " ", (clone / "report.md").read_text())  # DVC pads its Markdown tables
-    assert "## Params" in text and "## Metrics" in text and "## MLflow runs" in text
-    assert f"| params.yaml | finetune.epochs | {epochs} | {new_epochs} |" in text
-    assert "| metrics/evaluate.json | test.pretrained.macro_f1 |" in text
+    review = re.sub(" +", " ", (clone / "report.md").read_text())  # DVC pads its Markdown tables
+    # The first line: the committed results predate the committed params.
+    assert review.startswith("**Results are stale**: changed since they were run: finetune@pretrained (params.yaml:")
+    assert f"| params.yaml | finetune.epochs | {epochs} | {new_epochs} |" in review
+    # Like with like: the committed results on both sides are the same run, so every model is within noise.
+    verdicts = [line for line in review.splitlines() if line.startswith("- **")]
+    assert verdicts and all(line.count("+0.00 points [+0.00, +0.00]: **within noise**") == 2 for line in verdicts)
     # The base's outputs are in neither the runner's empty cache nor a remote: unknown, said once.
-    for stage, run_id in run_ids(clone).items():
-        assert f"| {stage} | — | `{run_id}` |" in text
-    assert text.count(UNKNOWN) == 1
-    assert "![Pretraining loss (masked LM)](report_images/pretrain_loss.png)" in text
+    assert review.count(UNKNOWN) == 1
+    assert "![Pretraining loss (masked LM)](report_images/pretrain_loss.png)" in review
 
-    # The comment step without its `cml comment` line (that needs GitHub and a token): the footer goes on, and
-    # every figure the report links is a file where CML's --publish looks for it (beside report.md).
+    smoke = run_step("Smoke test, the tiny CI profile at the base and here")
+    assert "Traceback" not in smoke.stdout + smoke.stderr
+    text = re.sub(" +", " ", (clone / "report.md").read_text())
+    assert text.startswith(review.rstrip("\n"))  # the review stays first, the smoke test follows
+    section = text[text.index("## Smoke test: the tiny CI profile, at the base and here") :]
+    assert "**Results are current**" in section.splitlines()[2]  # both ran here, just now
+    assert "| params.yaml | finetune.head_learning_rate |" in section  # tiny against tiny: the profile's change
+    assert "finetune.epochs" not in section
+    assert "### Verdicts" in section and "](report_images/smoke/pretrain_loss.png)" in section
+
+    # The comment step without its `cml comment` line (that needs GitHub and a token): every figure the report
+    # links is a file where CML's --publish looks for it (beside report.md).
     comment = steps["Comment on the pull request, figures included"]["run"]
-    lines = comment.splitlines()
-    assert sum(line.strip().startswith("cml comment update") for line in lines) == 1
-    bash("\n".join(line for line in lines if not line.strip().startswith("cml ")), env)
-    text = (clone / "report.md").read_text()
-    assert "CI ran the tiny profile" in text
+    assert comment.strip().startswith("cml comment update") and "--publish" in comment
     figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", text, re.M)
-    assert "report_images/pretrain_loss.png" in figures
+    assert "report_images/pretrain_loss.png" in figures and "report_images/smoke/pretrain_loss.png" in figures
     assert all((clone / figure).is_file() for figure in figures), figures
 
 

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("report_images"),
         help="folder for the PNG figures; a relative path is taken next to the report (default: report_images)",
     )
+    report.add_argument(
+        "--section",
+        metavar="TITLE",
+        help="write the report as a section titled TITLE (its headings one level down), to append to another",
+    )
 
     compare = sub.add_parser("compare", help="MLflow finetune runs side by side: differing params, key metrics")
     compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment_name of --params)")
@@ -96,7 +101,7 @@ def _report(args: argparse.Namespace) -> None:
 
     root = repo_root_of(Path.cwd())
     images_dir = args.images_dir if args.images_dir.is_absolute() else args.out.parent / args.images_dir
-    out = build_report(root, args.base, args.out, images_dir)
+    out = build_report(root, args.base, args.out, images_dir, section=args.section)
     print(f"wrote {out} and figures in {images_dir}")
 
 

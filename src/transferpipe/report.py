@@ -86,8 +86,9 @@ class Side:
     list_dir: Callable[[str], list[str]]
 
 
-def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
-    """Write the report to `out` and its figures to `images_dir`; return the report's path."""
+def build_report(root: Path, base: str, out: Path, images_dir: Path, section: str | None = None) -> Path:
+    """Write the report to `out` and its figures to `images_dir`; return the report's path. With `section`,
+    the report is a section of that title, its own headings one level down (to append to another report)."""
     root = Path(root)
     base_sha = resolve_revision(root, base)
     head_sha = _git(root, "rev-parse", "--short", "HEAD").strip()
@@ -111,6 +112,11 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path) -> Path:
     lines += _dvc_diff_section(root, "metrics", base, "Metrics", f"No metrics changed under {METRICS_DIR}/.")
     lines += _runs_section(root, base_sha, new)
     lines += _figures_section(old, new, images_dir, link_prefix)
+    if section:  # the title becomes a line of text under the section's heading, and ## becomes ###
+        title = f"# transferpipe report: {new.label} vs {old.label}"
+        body = [f"{new.label} vs {old.label}." if line == title else f"#{line}" if line.startswith("#") else line
+                for line in lines]  # fmt: skip
+        lines = [f"## {section}", "", *body]
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     return out
 
