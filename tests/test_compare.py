@@ -94,11 +94,14 @@ def test_compare_shows_differing_params_and_metrics(
         "| 0.8000 | 0.8300 | - | 0.8500 |"
     )
     assert row in markdown
-    assert "finetune.seed" not in markdown
+    assert "finetune.seed" not in markdown.split("Runs that differ only in")[0]  # equal: not a column
+    # All three differ in params other than the seed: three groups of one run, no sd.
+    assert "| pretrained | 0.0005 | 6 | 1 | - | 0.9100 | 0.9200 |" in markdown
     assert "3 finetune run(s)" in markdown and "1 param(s) equal across runs, not shown" in markdown
 
     printed = capsys.readouterr().out
-    assert "finetune-low-lr" in printed and "0.8800" in printed and "finetune.seed" not in printed
+    assert "finetune-low-lr" in printed and "0.8800" in printed
+    assert "finetune.seed" not in printed.split("Runs that differ only in")[0]
     assert "None" not in printed  # a run without dvc.exp_name shows "-"
 
 
@@ -132,3 +135,32 @@ def test_missing_store_or_experiment_and_the_experiment_flag(
     # --experiment names the experiment without reading any params file.
     main(["compare", "--experiment", "other", "--params", "does-not-exist.yaml"])
     assert "3 finetune run(s) in experiment 'other'" in capsys.readouterr().out
+
+
+def test_runs_that_differ_only_in_the_seed_are_grouped_with_mean_and_sd(
+    mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mlflow.set_tracking_uri(mlflow_uri)
+    experiment_id = mlflow.create_experiment(EXPERIMENT)
+    scores = {(5.0e-4, 1): 0.90, (5.0e-4, 2): 0.94, (5.0e-4, 3): 0.92, (1.0e-4, 1): 0.85, (1.0e-4, 2): 0.87}
+    for (rate, seed), macro_f1 in scores.items():
+        tags = {"transferpipe.stage": "finetune", "transferpipe.variant": "pretrained"}
+        with mlflow.start_run(experiment_id=experiment_id, tags=tags):
+            mlflow.log_params({"finetune.seed": seed, "finetune.encoder_learning_rate": rate})
+            mlflow.log_metrics({"test/macro_f1": macro_f1, "test/accuracy": macro_f1 + 0.01})
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags):  # unfinished: left out of the groups
+        mlflow.log_params({"finetune.seed": 4, "finetune.encoder_learning_rate": 1.0e-4})
+        mlflow.set_tag("mlflow.runName", "running")
+        run_id = mlflow.active_run().info.run_id
+    mlflow.tracking.MlflowClient().set_terminated(run_id, "FAILED")
+    capsys.readouterr()
+    md = tmp_path / "runs.md"
+    main(["compare", "--params", str(TINY_PARAMS), "--markdown", str(md)])
+
+    text = re.sub(" +", " ", md.read_text())
+    assert "Runs that differ only in finetune.seed, grouped (mean ± sd over the seeds):" in text
+    # Sample sd: 0.90 / 0.94 / 0.92 -> 0.02; 0.85 / 0.87 -> 0.0141.
+    assert "| pretrained | 0.0005 | 3 | 1, 2, 3 | 0.9200 ± 0.0200 | 0.9300 ± 0.0200 |" in text
+    assert "| pretrained | 0.0001 | 2 | 1, 2 | 0.8600 ± 0.0141 | 0.8700 ± 0.0141 |" in text
+    assert "| 4 |" not in text.split("grouped")[1]  # the failed run is in the run table only
+    assert "0.9200 ± 0.0200" in capsys.readouterr().out

@@ -2,7 +2,9 @@
 
 One row per run (oldest first): run name, variant (pretrained or scratch), DVC experiment name, short git commit,
 status, then only the params whose values differ between the runs (equal ones say nothing about the differences in
-the metrics), then the headline metrics. The tracking URI is the one the stages use (tracking.tracking_uri()).
+the metrics), then the headline metrics. Then the groups: runs of the same variant that differ only in
+`finetune.seed`, with n and mean ± sd of the test metrics, so a difference between two recipes can be read
+against the spread that the seed alone gives. The tracking URI is the one the stages use (tracking.tracking_uri()).
 """
 
 from __future__ import annotations
@@ -74,6 +76,34 @@ def comparison_table(runs: Any) -> tuple[Any, list[str]]:
     return table.reset_index(drop=True), equal
 
 
+SEED = "finetune.seed"
+GROUP_METRICS = ["test/macro_f1", "test/accuracy"]
+
+
+def seed_groups(table: Any) -> Any:
+    """One row per group of runs that differ only in finetune.seed (same variant, same other differing params):
+    the params that define it, n, and mean ± sd (sample sd; none for one run) of the test metrics. Unfinished runs
+    and runs without a test score are left out."""
+    import pandas as pd
+
+    finished = table[(table["status"] == "FINISHED") & table["test/macro_f1"].notna()]
+    keys = ["variant", *(c for c in table.columns if "." in c and c.split(".")[0] in PARAM_SECTIONS and c != SEED)]
+    rows = []
+    for values, group in finished.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True))
+        row["n"] = len(group)
+        row["seeds"] = ", ".join(str(v) for v in group[SEED]) if SEED in group else "-"
+        for metric in GROUP_METRICS:
+            scores = group[metric].dropna()
+            sd = f" ± {scores.std(ddof=1):.4f}" if len(scores) > 1 else ""
+            row[metric] = f"{scores.mean():.4f}{sd}" if len(scores) else "-"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *GROUP_METRICS])
+
+
+PARAM_SECTIONS = {"prepare", "tokenize", "model", "pretrain", "finetune", "evaluate", "tracking"}
+
+
 def to_markdown(table: Any) -> str:
     """A GitHub-flavoured Markdown table (pandas' to_markdown); metrics to 4 decimals, right-aligned."""
     columns = [c for c in table.columns if c != "run_id"]
@@ -110,7 +140,15 @@ def compare(experiment_name: str, csv: Path | None = None, markdown: Path | None
         write_text_atomic(Path(csv), table.to_csv(index=False))
     summary = f"{len(table)} finetune run(s) in experiment {experiment_name!r}"
     hidden = f"{len(equal)} param(s) equal across runs, not shown" if equal else "no params are equal across runs"
+    groups = seed_groups(table)
+    grouped = "Runs that differ only in finetune.seed, grouped (mean ± sd over the seeds):"
     if markdown is not None:
-        text = f"# Finetune runs: {experiment_name}\n\n{to_markdown(table)}\n{summary}; {hidden}.\n"
-        write_text_atomic(Path(markdown), text)
-    return f"{to_text(table)}\n\n{summary}; {hidden}."
+        group_md = (
+            groups.astype(str)
+            .replace({"nan": "-", "None": "-"})
+            .to_markdown(index=False, tablefmt="github", disable_numparse=True)
+        )
+        text = f"# Finetune runs: {experiment_name}\n\n{to_markdown(table)}\n{summary}; {hidden}.\n\n{grouped}\n\n"
+        write_text_atomic(Path(markdown), text + group_md + "\n")
+    shown = groups.astype(object).where(groups.notna(), "-").to_string(index=False)
+    return f"{to_text(table)}\n\n{summary}; {hidden}.\n\n{grouped}\n{shown}"
