@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,13 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A real `mlflow server` (SQLite backend, served artifacts); yields its URI and its artifacts folder."""
-    d = tmp_path_factory.mktemp("server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (d / "server.log").open("w")
+def start_server(d: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port (SQLite backend and served artifacts under d), answering."""
+    log = (d / "server.log").open("a")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -63,18 +60,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         stdout=log,
         stderr=subprocess.STDOUT,
         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        start_new_session=True,  # its own process group: the server and the workers it starts die together
     )
+    log.close()  # the child holds its own copy
+    wait_for_http(f"http://127.0.0.1:{port}/health", proc, d / "server.log", timeout=120)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        wait_for_http(f"{uri}/health", proc, d / "server.log", timeout=120)
-        yield uri, d / "artifacts"
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real `mlflow server` (SQLite backend, served artifacts); yields its URI and its artifacts folder."""
+    d = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = start_server(d, port)
+    try:
+        yield f"http://127.0.0.1:{port}", d / "artifacts"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop(proc)
 
 
 def stage_args(d: Path, params: Path, stage: str, tag: str = "") -> list[str]:
@@ -354,3 +365,72 @@ def test_a_uri_with_credentials_works_and_prints_no_password(
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
     out, err = capfd.readouterr()
     assert "hunter2" not in out + err
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_training_holds_up_nothing_and_loses_no_rows(tmp_path: Path, tiny_csv: Path) -> None:
+    """The server SIGKILLed while pretrain trains, restarted 10 s later at the same address: training goes on
+    with one warning line, sends the rows it kept once the server answers, and ends FINISHED with each row once."""
+    steps = 1000
+    params = tiny_params(
+        tmp_path,
+        prepare={"source": str(tiny_csv)},
+        pretrain={"max_steps": steps, "eval_every": 500, "checkpoint_every": 20},
+    )
+    for stage in (prepare, tokenize):
+        stage.main(stage_args(tmp_path, params, stage.__name__.split(".")[-1]))
+    (tmp_path / "server").mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path / "server", port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "TRANSFERPIPE_CHECKPOINT_DIR": str(tmp_path / "ck")}
+    training = subprocess.Popen(
+        [sys.executable, "-m", "stages.pretrain", *stage_args(tmp_path, params, "pretrain")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while not _logged_steps(client):  # the first checkpoint's rows have reached the server
+            assert training.poll() is None and time.monotonic() < deadline, "pretrain ended before the kill"
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crashed host would lose them
+        server.wait()
+        killed_at = time.monotonic()
+        time.sleep(10)
+        assert training.poll() is None, "pretrain ended while the server was down"
+        server = start_server(tmp_path / "server", port)
+        out, err = training.communicate(timeout=600)
+        runs = client.search_runs([client.get_experiment_by_name("transferpipe-test").experiment_id])
+        logged = _logged_steps(client, runs[0].info.run_id)
+    finally:
+        if training.poll() is None:
+            training.kill()
+        stop(server)
+    assert training.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "is not answering" in warnings[0] and "training continues" in warnings[0], err
+    assert "MLflow store answers again" in err
+    assert time.monotonic() - killed_at < 300
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    # Every row the stage wrote to its training curve reached the run, once each.
+    written = pd.read_csv(tmp_path / "plots/pretrain/train.csv")["step"].tolist()
+    assert logged == written and written[-1] == steps
+
+
+def _logged_steps(client: MlflowClient, run_id: str | None = None) -> list[int]:
+    """The steps of train/loss in the run (the only run of the experiment when run_id is None; [] before it)."""
+    if run_id is None:
+        experiment = client.get_experiment_by_name("transferpipe-test")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if not runs:
+            return []
+        run_id = runs[0].info.run_id
+    return [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]

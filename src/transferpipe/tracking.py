@@ -46,6 +46,15 @@ CHAMPION_METRIC = "test/macro_f1"
 HEALTH_TIMEOUT_S = 3.0
 # Seconds between retries of a write that found the SQLite store locked (after MLflow's own 20 s wait).
 LOCKED_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# While a stage trains, and when it ends its run, a tracking call fails in seconds: MLflow's HTTP client retries a
+# dead server 7 times with exponential backoff by default, which stalled training for 8.5 minutes. Where the user
+# set these variables, theirs apply.
+RESEND_AFTER_S = 30.0
+TRAINING_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 T = TypeVar("T")
 
@@ -88,11 +97,58 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+@contextlib.contextmanager
+def bounded_http() -> Iterator[None]:
+    """TRAINING_HTTP_BOUNDS for the calls inside, unless the user set those variables."""
+    added = {key: value for key, value in TRAINING_HTTP_BOUNDS.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 class Run:
     """An active MLflow run; every method is a no-op on a disabled one (run_id None)."""
 
     def __init__(self, run_id: str | None) -> None:
         self.run_id = run_id
+        self.unsent = 0  # rows that could not be sent since the store last answered (send_rows)
+        self.failed_at = 0.0  # time.monotonic() of the last failure
+
+    def send_rows(self, rows: list[tuple[int, dict[str, float]]], once: bool = False, force: bool = False) -> bool:
+        """What the training loop sends: log_rows (log_rows_once with `once`), within TRAINING_HTTP_BOUNDS, never
+        raising. False when the store could not take them: the caller keeps the rows (they travel with the
+        checkpoint) and sends them again later; one warning line when the store stops answering, one line when
+        it answers again. After a failure the store is tried again only after RESEND_AFTER_S (or when
+        `force`d: the last rows of a run), so a dead store costs training a few seconds per half minute."""
+        if not self.run_id or not rows:
+            return True
+        if self.unsent and not force and time.monotonic() - self.failed_at < RESEND_AFTER_S:
+            self.unsent = len(rows)
+            return False
+        try:
+            with bounded_http():
+                (self.log_rows_once if once else self.log_rows)(rows)
+        except Exception as exc:  # noqa: BLE001 - no tracking failure may stop training
+            if not self.unsent:
+                import mlflow
+                from tqdm import tqdm
+
+                tqdm.write(  # above the progress bar, on a line of its own
+                    f"warning: MLflow store {mlflow.get_tracking_uri()} is not answering ({type(exc).__name__}: "
+                    f"{_first_line(exc)[:200]}); training continues, its rows kept to send when it answers",
+                    file=sys.stderr,
+                )
+            self.unsent, self.failed_at = len(rows), time.monotonic()
+            return False
+        if self.unsent:
+            from tqdm import tqdm
+
+            tqdm.write(f"MLflow store answers again: {len(rows)} rows sent to run {self.run_id}", file=sys.stderr)
+            self.unsent = 0
+        return True
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
@@ -393,7 +449,17 @@ def start_run(
             status = "KILLED"
             raise
         finally:
-            _end_run(run_id, status)
+            try:
+                with bounded_http():
+                    _end_run(run_id, status)
+            except Exception as exc:  # noqa: BLE001 - a dead store on the way out is one line, never a traceback
+                message = f"MLflow could not end run {run_id} as {status} ({type(exc).__name__}: {_first_line(exc)})"
+                if status == "FINISHED":
+                    raise UserError(
+                        f"{stage}: {message[:300]}; the outputs are complete: rerun the stage (dvc repro) once the "
+                        "store answers, which records it without training again"
+                    ) from None
+                _warn(message[:300])  # the error that stopped the stage is the one to report
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -403,9 +469,11 @@ def start_run(
 def recording(stage: str, outputs: Path) -> Iterator[None]:
     """Around what a stage sends to MLflow after its outputs are complete on disk: a failure there is one line
     that says the outputs are kept, and a rerun records them without training again (the stage's finished
-    checkpoint, transferpipe.checkpoint, holds the result until then)."""
+    checkpoint, transferpipe.checkpoint, holds the result until then). Within TRAINING_HTTP_BOUNDS: a dead
+    store fails it in seconds."""
     try:
-        yield
+        with bounded_http():
+            yield
     except Exception as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {_first_line(exc)}"
         raise UserError(

@@ -244,10 +244,9 @@ class _Recorder:
         self.live = checkpoints is None or checkpoints.every is None  # no checkpoint to wait for: log at once
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.live:
-            self.run.log_metrics(metrics, step)
-        else:
-            self.progress.pending.append((step, metrics))
+        self.progress.pending.append((step, metrics))
+        if self.live:  # no checkpoint to wait for: send at once
+            self.flush()
 
     def say(self, line: str) -> None:
         if self.main:
@@ -255,8 +254,8 @@ class _Recorder:
 
     def resumed(self, total_steps: int) -> None:
         """A resumed run: send MLflow the rows the checkpoint held back, and say where training continues."""
-        self.run.log_rows_once(self.progress.pending)
-        self.progress.pending = []
+        if self.run.send_rows(self.progress.pending, once=True):
+            self.progress.pending = []
         self.say(f"resuming {self.desc} from step {self.progress.step} of {total_steps}")
 
     def train_row(self, step: int, meter: LossMeter, learning_rate: float, bar: tqdm) -> None:
@@ -313,12 +312,12 @@ class _Recorder:
         progress.stopping.restore_best(model)
         model.eval()
         if self.checkpoints is not None:
-            self.checkpoint(True, {"model": model.state_dict()}, meter, result.seconds)
+            self.checkpoint(True, {"model": model.state_dict()}, meter, result.seconds, last=True)
         else:
-            self.flush()
+            self.flush(force=True)
         return result
 
-    def checkpoint(self, finished: bool, content: dict, meter: LossMeter, elapsed: float) -> None:
+    def checkpoint(self, finished: bool, content: dict, meter: LossMeter, elapsed: float, last: bool = False) -> None:
         """Save the whole state (`content`: the model's, and optimizer's and scheduler's unless `finished`),
         then send MLflow the rows it now covers (see Run.log_rows_once)."""
         saving = time.perf_counter()
@@ -328,11 +327,12 @@ class _Recorder:
         spent = time.perf_counter() - saving
         self.result.checkpoint_seconds += spent
         self.progress.excluded += spent
-        self.flush()
+        self.flush(force=last)
 
-    def flush(self) -> None:
-        self.run.log_rows(self.progress.pending)
-        self.progress.pending = []
+    def flush(self, force: bool = False) -> None:
+        """Send the held rows; where the store does not answer they stay held (and in the next checkpoint)."""
+        if self.run.send_rows(self.progress.pending, force=force):
+            self.progress.pending = []
 
 
 def fit(
@@ -432,7 +432,7 @@ def _finished_earlier(model: torch.nn.Module, state: dict, run: Run, desc: str) 
     """A checkpoint of a run trained to the end by an earlier process (only what came after, the outputs or
     the tracking, failed): its weights and result, without training again."""
     model.load_state_dict(state["model"])
-    run.log_rows_once(state["progress"].pending)
+    run.send_rows(state["progress"].pending, once=True)
     if distributed.is_main():
         tqdm.write(f"{desc}: training finished earlier at step {state['result'].steps}; not training again")
     model.eval()
