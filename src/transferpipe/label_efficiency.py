@@ -38,7 +38,12 @@ PARAMS_FILE = "params.yaml"
 METRICS_FILE = "metrics/evaluate.json"
 SWEPT = {"finetune.labels_per_class", "finetune.seed"}
 LINE_STYLES = ["-", "--", ":", "-."]  # one per system (--by)
-MODEL_NAMES = {"pretrained": "pretrained", "scratch": "from scratch", "tfidf_logreg": "TF-IDF + logistic regression"}
+MODEL_NAMES = {
+    "pretrained": "pretrained",
+    "scratch": "from scratch",
+    "setfit": "SetFit",
+    "tfidf_logreg": "TF-IDF + logistic regression",
+}
 
 
 @dataclass(frozen=True)
