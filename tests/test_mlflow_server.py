@@ -3,6 +3,7 @@ model registry's versions and aliases; and an unreachable server failing a stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,12 +69,15 @@ def start_server(d: Path, port: int) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """The server and every process it started (its workers outlive a terminated parent)."""
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers that ignored SIGTERM
 
 
 @pytest.fixture(scope="module")
