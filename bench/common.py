@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import time
@@ -19,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load(params: Path = REPO / "params.yaml") -> dict:
+    """The params the benches measure: params.yaml's, with the encoder pretrained here at its `model` sizes
+    (checkpoint null), whichever encoder the default starts from."""
     return {
         "prepare": load_section(params, "prepare", PrepareParams),
         "tokenize": load_section(params, "tokenize", TokenizeParams),
-        "model": load_section(params, "model", ModelParams),
+        "model": dataclasses.replace(load_section(params, "model", ModelParams), checkpoint=None),
         "pretrain": load_section(params, "pretrain", PretrainParams),
     }
 
