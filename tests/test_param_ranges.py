@@ -217,6 +217,8 @@ def test_every_stage_checks_the_last_stages_params(tmp_path: Path, capsys: pytes
 def test_cross_checks_fail_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture, changes: dict, expected: str
 ) -> None:
+    # These limits apply to an encoder built here (model.checkpoint null), not to the default's checkpoint.
+    changes = {**changes, "model": {"checkpoint": None, **changes.get("model", {})}}
     assert run_stage_in_process("tokenize", params_with(tmp_path, changes), capsys) == expected
 
 
