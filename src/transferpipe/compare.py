@@ -15,6 +15,7 @@ from typing import Any
 
 from transferpipe.errors import UserError
 from transferpipe.io import write_text_atomic
+from transferpipe.params import SECTIONS
 from transferpipe.tracking import quiet_mlflow, sqlite_path, tracking_uri
 
 STAGE_TAG = "transferpipe.stage"
@@ -87,7 +88,7 @@ def seed_groups(table: Any) -> Any:
     import pandas as pd
 
     finished = table[(table["status"] == "FINISHED") & table["test/macro_f1"].notna()]
-    keys = ["variant", *(c for c in table.columns if "." in c and c.split(".")[0] in PARAM_SECTIONS and c != SEED)]
+    keys = ["variant", *(c for c in table.columns if "." in c and c.split(".")[0] in SECTIONS and c != SEED)]
     rows = []
     for values, group in finished.groupby(keys, dropna=False, sort=False):
         row = dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True))
@@ -99,9 +100,6 @@ def seed_groups(table: Any) -> Any:
             row[metric] = f"{scores.mean():.4f}{sd}" if len(scores) else "-"
         rows.append(row)
     return pd.DataFrame(rows, columns=[*keys, "n", "seeds", *GROUP_METRICS])
-
-
-PARAM_SECTIONS = {"prepare", "tokenize", "model", "pretrain", "finetune", "evaluate", "tracking"}
 
 
 def to_markdown(table: Any) -> str:
