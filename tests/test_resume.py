@@ -203,6 +203,63 @@ def test_killed_pretraining_under_torchrun_resumes_every_rank(prepared: Path, ml
     assert (d / "whole-plots/eval.csv").read_text() == (d / "resumed-plots/eval.csv").read_text()
 
 
+def test_a_stop_signal_checkpoints_the_step_it_arrived_at_and_a_rerun_resumes_there(
+    prepared: Path, mlflow_uri: str
+) -> None:
+    """A preemption (SIGTERM; SIGUSR1, a scheduler's warning, takes the same path) mid-epoch, with no periodic checkpoints: the
+    step under way finishes, a checkpoint of it is written, the run ends KILLED with one line, and the rerun
+    continues from that step to the weights of an uninterrupted run, in the same MLflow run."""
+    d, signum = prepared, signal.SIGTERM
+    # Steps of a few milliseconds, a few hundred in all; rows go to MLflow as they come.
+    params = tiny_params(
+        d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
+        finetune={"epochs": 20, "checkpoint_every": None, "early_stopping_patience": 1000},
+    )  # fmt: skip
+    pretrain.main(
+        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
+         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
+    )  # fmt: skip
+    env = env_for(mlflow_uri)
+    run_stage(stage_command("finetune", params, d, "whole"), d, env)
+    client = MlflowClient(mlflow_uri)
+    (whole,) = runs_by_name(client, "finetune-pretrained")
+
+    proc = subprocess.Popen(stage_command("finetune", params, d, "stopped"), cwd=d, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not [r for r in runs_by_name(client, "finetune-pretrained") if r.info.run_id != whole.info.run_id
+               and client.get_metric_history(r.info.run_id, "train/loss")]:  # fmt: skip
+        assert proc.poll() is None and time.monotonic() < deadline, "no training row before the stage ended"
+        time.sleep(0.05)
+    os.kill(proc.pid, signum)
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - signalled
+    assert proc.returncode == 128 + signum, out + err
+    name = signal.Signals(signum).name
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"stopped by {name}: finetune checkpointed step "), err
+    step = int(line.split("step ")[1].split()[0])
+    total = int(line.split(" of ")[1].split(":")[0])
+    assert 0 < step < total
+    assert line == f"stopped by {name}: finetune checkpointed step {step} of {total}: a rerun resumes there"
+    assert "Traceback" not in err
+    assert not (d / "stopped").exists()
+    assert Checkpoints(checkpoint_files(d)[0].parent, None).state["progress"].step == step
+    (stopped,) = [r for r in runs_by_name(client, "finetune-pretrained") if r.info.run_id != whole.info.run_id]
+    assert stopped.info.status == "KILLED"
+    assert history(client, stopped.info.run_id, "train/loss")[-1][0] <= step  # nothing logged past the checkpoint
+    assert seconds < 60, f"{seconds:.1f} s from the signal to the exit"
+
+    output = run_stage(stage_command("finetune", params, d, "stopped"), d, env)
+    assert f"resuming finetune from step {step} of {total}" in output
+    assert_same_weights(d / "whole", d / "stopped")
+    resumed = client.get_run(stopped.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    for key in ("train/loss", "eval/macro_f1"):
+        assert history(client, resumed.info.run_id, key) == history(client, whole.info.run_id, key), key
+
+
 def test_a_changed_param_never_resumes_a_stale_checkpoint(prepared: Path) -> None:
     d = prepared
     base = tiny_params(d, pretrain={"max_steps": 6})

@@ -65,7 +65,7 @@ def test_exception_ends_the_run_failed(mlflow_uri: str) -> None:
     assert MlflowClient().get_run(run.run_id).info.status == "FAILED"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_ends_the_run_killed_with_one_line(tmp_path: Path, mlflow_uri: str, signum: int) -> None:
     # A child of a process that ignores SIGINT (a background job of a non-interactive shell, some CI runners)
     # inherits SIG_IGN, and Python then leaves Ctrl-C ignored; give the child the handler a terminal gives it.
@@ -91,7 +91,7 @@ run_cli(main)
     )
     assert proc.returncode == 128 + signum
     assert proc.stderr.strip().splitlines() == [
-        f"stopped by {signal.Signals(signum).name}; a rerun resumes from the last checkpoint"
+        f"stopped by {signal.Signals(signum).name}: a rerun resumes from the last checkpoint"
     ]
     run_id = proc.stdout.strip().splitlines()[-1]
     run = MlflowClient(mlflow_uri).get_run(run_id)

@@ -7,23 +7,28 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+# The signals that ask a stage to stop, besides Ctrl-C: a killed `dvc repro` or queue worker, a preemption or a
+# scheduler's time limit (SIGTERM), SLURM's warning ahead of it (SIGUSR1, with --signal=USR1@60), a lost terminal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
 
 class UserError(Exception):
     """A mistake in params, data or environment: the message names the problem and the fix."""
 
 
 class Interrupted(SystemExit):
-    """A signal asked the stage to stop (SIGTERM, SIGHUP): like KeyboardInterrupt for Ctrl-C, not an error.
-    Uncaught, it exits with 128 + the signal's number, as the shell reports a process a signal ended."""
+    """A signal asked the stage to stop (SIGTERM, SIGUSR1, SIGHUP): like KeyboardInterrupt for Ctrl-C, not an
+    error. Uncaught, it exits with 128 + the signal's number, as the shell reports a process a signal ended.
+    `where` says where training stopped and what a rerun continues from, if it checkpointed on the way."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, where: str | None = None) -> None:
         super().__init__(128 + signum)
-        self.signum = signum
+        self.signum, self.where = signum, where
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a stage's main(); a UserError prints `error: <message>` on stderr and exits 2, no traceback. A
-    signal (Ctrl-C, SIGTERM, SIGHUP) prints one line and exits 128 + its number, as the shell reports it."""
+    signal (Ctrl-C, SIGTERM, SIGUSR1, SIGHUP) prints one line and exits 128 + its number, as the shell reports it."""
     try:
         main(argv)
     except UserError as exc:
@@ -31,8 +36,6 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        print(
-            f"stopped by {signal.Signals(signum).name}; a rerun resumes from the last checkpoint",
-            file=sys.stderr,
-        )
+        where = getattr(exc, "where", None) or "a rerun resumes from the last checkpoint"
+        print(f"stopped by {signal.Signals(signum).name}: {where}", file=sys.stderr)
         sys.exit(128 + signum)

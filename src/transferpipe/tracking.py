@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import filelock
 
-from transferpipe.errors import Interrupted, UserError
+from transferpipe.errors import STOP_SIGNALS, Interrupted, UserError
 from transferpipe.params import TrackingParams
 
 STORE_FILE = "mlflow.db"
@@ -402,7 +402,7 @@ def start_run(
     primary: bool = True,
     resume: str | None = None,
 ) -> Iterator[Run]:
-    """An MLflow run for one stage: FINISHED on success, KILLED when a signal (SIGTERM, SIGHUP, Ctrl-C) stops
+    """An MLflow run for one stage: FINISHED on success, KILLED when a signal (errors.STOP_SIGNALS, Ctrl-C) stops
     the stage, FAILED on any other exception; never left RUNNING by a process that could still write.
 
     `resume` continues that run (a stage resumed from a checkpoint) instead of starting one. Runs record the
@@ -436,9 +436,10 @@ def start_run(
     name = name or stage
     run_name = f"{name}-{exp_name}" if exp_name else name
     end_orphaned_runs(stage, params.experiment_name, keep=resume)
-    # SIGTERM (a killed `dvc repro` or queue worker) and SIGHUP (a lost terminal) would end the process without
-    # unwinding; raise instead, so the run below is closed as KILLED rather than left RUNNING.
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGTERM (a killed `dvc repro` or queue worker, a preemption), SIGUSR1 (a scheduler's warning) and SIGHUP (a
+    # lost terminal) would end the process without unwinding; raise instead, so the run below is closed as KILLED
+    # rather than left RUNNING. Training itself (transferpipe.training.fit) first finishes its step and checkpoints.
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
     try:
         run_id = _start_or_resume(run_name, all_tags, resume)
         status = "FAILED"

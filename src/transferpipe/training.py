@@ -8,12 +8,18 @@ DVC plots) and to MLflow through `run`.
 Under torchrun the model trains inside DistributedDataParallel: each rank's loader yields its share of the
 global batch, logged losses and throughput are combined over ranks, and evaluate() must return the same
 metrics on every rank (see transferpipe.distributed), so that all ranks stop at the same step.
+
+A stop signal (SIGTERM, SIGUSR1, SIGHUP: a preemption, a scheduler's time limit) lets the step under way finish;
+the loop then checkpoints and stops, so a rerun continues from the step the signal arrived at (under torchrun
+the ranks agree on it at the next logged row). A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -27,7 +33,7 @@ from transformers import get_scheduler
 
 from transferpipe import distributed
 from transferpipe.checkpoint import Checkpoints
-from transferpipe.errors import UserError
+from transferpipe.errors import STOP_SIGNALS, Interrupted, UserError
 from transferpipe.io import atomic_dir, write_csv
 from transferpipe.tracking import Run
 
@@ -177,6 +183,37 @@ class _Progress:
         self.examples += len(batch["input_ids"])
 
 
+class _Preemption:
+    """The stop signals received during fit(): recorded by the handler, acted on at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            self.previous = {sig: signal.signal(sig, self._received) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _received(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, "a second signal stopped it at once: a rerun resumes from the last checkpoint")
+        self.signum = signum
+
+    def requested(self, step: int, log_every: int, device: torch.device) -> int | None:
+        """The signal to stop for after `step`: at once in one process; under torchrun at a logged row, when
+        any rank has one, so that every rank stops at the same step."""
+        if distributed.world_size() == 1:
+            return self.signum
+        if step % log_every or not distributed.all_sum([float(self.signum is not None)], device)[0]:
+            return None
+        return self.signum or signal.SIGTERM
+
+
 def _batches(loader: DataLoader, epoch: int = 0, skip: int = 0) -> Iterator[tuple[int, dict]]:
     """Endless (epoch, batch) pairs from `epoch` on, its first `skip` batches left out: every pass re-shuffles
     and, for MLM, draws fresh masks."""
@@ -299,6 +336,12 @@ class _Recorder:
                      f"stopping at step {step}")  # fmt: skip
         return stop
 
+    def stopped_at(self, step: int, total_steps: int) -> str:
+        """Where a stop signal ended training, and what a rerun continues from."""
+        if self.checkpoints is None:
+            return f"{self.desc} stopped at step {step} of {total_steps} without a checkpoint: a rerun starts over"
+        return f"{self.desc} checkpointed step {step} of {total_steps}: a rerun resumes there"
+
     def finish(self, model: torch.nn.Module, step: int, meter: LossMeter, start: float) -> FitResult:
         """The result after the last step: throughput over ranks, the best weights restored into `model`, the
         final checkpoint (or the last MLflow rows)."""
@@ -396,25 +439,32 @@ def fit(
                mininterval=1.0, disable=not recorder.main)  # fmt: skip
     batches = _batches(loader, progress.epoch, progress.position)
     epoch, step = None, progress.step
-    for step in range(progress.step + 1, total_steps + 1):
-        last_epoch, (epoch, batch) = epoch, next(batches)
-        if epoch != last_epoch and on_epoch is not None:
-            on_epoch(epoch)
-        progress.count(epoch, batch)  # on the host, before the batch moves
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        train_step(train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16,
-                   compute_loss=compute_loss)  # fmt: skip
-        scheduler.step()
-        progress.step = step
-        bar.update(1)
-        last = step == total_steps
-        if step % log_every == 0 or last:
-            recorder.train_row(step, meter, scheduler.get_last_lr()[0], bar)
-        if (step % eval_every == 0 or last) and recorder.evaluate(step, epoch, model, train_model, evaluate, start):
-            break  # stopped early
-        if checkpoints is not None and checkpoints.due(step) and not last:
-            content = {name: part.state_dict() for name, part in parts.items()}
-            recorder.checkpoint(False, content, meter, time.perf_counter() - start)
+    with _Preemption() as preemption:
+        for step in range(progress.step + 1, total_steps + 1):
+            last_epoch, (epoch, batch) = epoch, next(batches)
+            if epoch != last_epoch and on_epoch is not None:
+                on_epoch(epoch)
+            progress.count(epoch, batch)  # on the host, before the batch moves
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            train_step(train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16,
+                       compute_loss=compute_loss)  # fmt: skip
+            scheduler.step()
+            progress.step = step
+            bar.update(1)
+            last = step == total_steps
+            if step % log_every == 0 or last:
+                recorder.train_row(step, meter, scheduler.get_last_lr()[0], bar)
+            if (step % eval_every == 0 or last) and recorder.evaluate(step, epoch, model, train_model, evaluate, start):
+                break  # stopped early
+            if last:
+                break
+            signum = preemption.requested(step, log_every, device)
+            if checkpoints is not None and (checkpoints.due(step) or signum is not None):
+                content = {name: part.state_dict() for name, part in parts.items()}
+                recorder.checkpoint(False, content, meter, time.perf_counter() - start)
+            if signum is not None:
+                bar.close()
+                raise Interrupted(signum, recorder.stopped_at(step, total_steps))
     bar.close()
     return recorder.finish(model, step, meter, start)
 
