@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from transferpipe import distributed
-from transferpipe.errors import UserError
+from transferpipe.errors import UserError, disk_full
+from transferpipe.io import megabytes, no_space
 from transferpipe.tracking import repo_root
 
 CHECKPOINT_DIR = Path(".checkpoints")
@@ -80,6 +81,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 class Checkpoints:
     """The checkpoint folder of one stage run, and the state found there when the stage started (or None)."""
 
@@ -123,10 +135,17 @@ class Checkpoints:
                     f.flush()
                     os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
                 os.replace(tmp, self.folder / FILE)
-            except BaseException:
+            except BaseException as exc:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(exc, Exception) and disk_full(exc):
+                    raise self._no_space(state) from None
                 raise
         self.state = state
+
+    def _no_space(self, state: dict[str, Any]) -> UserError:
+        kept = "the previous checkpoint is intact" if (self.folder / FILE).is_file() else "there was no checkpoint yet"
+        needed = f"about {megabytes(_tensor_bytes(state))}"
+        return no_space("a checkpoint in", self.folder, needed, f"{kept} (or move them with {DIR_ENV})")
 
     def restore_rng(self) -> None:
         assert self.state is not None

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from transferpipe.errors import UserError, disk_full
+
 # `.<name>.<pid>.<8 random>.tmp|work`; also the pid-less `.<name>.<8 random>.tmp` that tempfile used to make.
 _TEMP_TAIL = re.compile(r"(?:(\d{1,7})\.)?[a-z0-9_]{8}\.(?:tmp|work)")
 
@@ -50,6 +52,34 @@ def temp_sibling_dir(path: Path, suffix: str = ".work") -> Iterator[Path]:
         _remove(tmp)
 
 
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def free_space(path: Path) -> int:
+    """Bytes free on the filesystem that holds `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def size_of(path: Path) -> int:
+    """Bytes of the files under `path` (or of the file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def no_space(what: str, path: Path, needed: str, keeps: str) -> UserError:
+    """The one line for a write that found the disk full: what, where, how much it needed and what is kept."""
+    return UserError(
+        f"no space left on the device for {what} {path} ({needed}; {megabytes(free_space(path))} free there): "
+        f"free some space and rerun; {keeps}"
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it takes the place of `path`.
@@ -57,10 +87,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     On Linux the new folder and the old output trade places in one atomic step (renameat2 RENAME_EXCHANGE),
     so at every moment `path` is the complete old output or the complete new one; the old is deleted after.
     Elsewhere the old output is renamed aside first (a moment without `path`, the old still whole beside it).
+    A full disk while filling it is one line (a UserError), the temporary folder removed.
     """
     path = Path(path)
     with temp_sibling_dir(path, ".tmp") as tmp:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            written = size_of(tmp)
+            _remove(tmp)  # before measuring what is free: its bytes are free again
+            kept = "the previous output is intact" if path.exists() else "nothing was written"
+            raise no_space("the output", path, f"more than the {megabytes(written)} written", kept) from None
         if not (path.exists() or path.is_symlink()):
             os.replace(tmp, path)
         elif _exchange(tmp, path):
