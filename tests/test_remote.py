@@ -203,3 +203,52 @@ def test_the_report_finds_the_base_run_ids_through_the_remote(
     for stage, run_id in base_ids.items():
         assert f"| {stage} | `{run_id}` | `{run_id}` |" in text
     assert UNKNOWN not in text
+
+
+def metric(root: Path, model: str, key: str) -> float:
+    return json.loads((root / "metrics/evaluate.json").read_text())["test"][model][key]
+
+
+LABELS_READ = '    label_names = read_json(args.data / "labels.json")\n'
+# Pull requests rerun and committed, each reviewed against its base. A finetune param (its models move; the
+# baseline does not), a comment in a stage script (every model within noise: CPU runs are bit-identical), and a
+# bug that trains on wrong labels (every fine-tuned model worse, its interval excluding 0).
+CHANGES = {
+    "param": ("params.yaml", "  head_learning_rate: 1.0e-3\n", "  head_learning_rate: 3.0e-3\n"),
+    "comment": ("stages/finetune.py", "    splits = datasets.load_from_disk(str(args.data))\n",
+                "    splits = datasets.load_from_disk(str(args.data))  # the tokenized splits\n"),
+    "broken": ("stages/finetune.py", LABELS_READ, LABELS_READ + "    splits['train'] = splits['train'].map(lambda x: "
+               "{'labels': (x['labels'] + 1) % len(label_names)}, keep_in_memory=True)\n"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_rerun_pull_request_gets_a_verdict_for_every_model(
+    origin: tuple[Path, dict[str, str]], remote: Path, tmp_path: Path, change: str
+) -> None:
+    root, _ = origin
+    clone, env = fresh_clone(root, tmp_path / "clone", "shared")
+    sh(dvc("pull", "-q"), clone, env)
+    path, old, new = CHANGES[change]
+    text = (clone / path).read_text()
+    assert text.count(old) == 1, f"{path} no longer has {old!r}"
+    (clone / path).write_text(text.replace(old, new))
+    sh(dvc("repro", "-q"), clone, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", change], clone, env)
+
+    review = report(clone, env, "origin/shared", "report.md")
+    assert review.startswith("**Results are current**"), review.splitlines()[0]
+    verdicts = {line.split("**")[1]: line for line in review.splitlines() if line.startswith("- **")}
+    assert set(verdicts) == {"pretrained", "scratch", "tfidf_logreg"}
+    assert verdicts["tfidf_logreg"].count("+0.00 points [+0.00, +0.00]: **within noise**") == 2
+    for model in ("pretrained", "scratch"):
+        base, head = metric(root, model, "macro_f1"), metric(clone, model, "macro_f1")
+        assert f"macro-F1 {base:.4f} → {head:.4f}, {100 * (head - base):+.2f} points [" in verdicts[model]
+        low, high = (float(x) for x in re.search(r"macro-F1 .*? points \[(\S+), (\S+)\]", verdicts[model]).groups())
+        assert low <= 100 * (head - base) <= high
+        if change == "param":
+            assert head != base and low < high  # the models moved, each with its interval
+        elif change == "comment":
+            assert head == base and verdicts[model].count("+0.00 points [+0.00, +0.00]: **within noise**") == 2
+        else:
+            assert high < 0 and verdicts[model].count("**worse**") == 2, verdicts[model]

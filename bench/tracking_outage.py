@@ -1,0 +1,133 @@
+"""What a tracking server that goes away costs a training run: the default finetune stage at --labels-per-class
+against a real `mlflow server` on 127.0.0.1, once with the server up throughout (the reference) and once with the
+server killed --kill-after seconds into training and left down. Prints, side by side, each run's wall time, exit
+code, and for the outage the seconds from the kill to the stage's `warning:` line (the stall: training holds
+still until then) and its last line.
+
+It reads this checkout's data/tokenized and models/pretrained (`dvc repro tokenize pretrain` first); the
+server's store and the checkpoints live in a temporary folder.
+
+Run: python -m bench.tracking_outage [--labels-per-class 5] [--kill-after 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from bench.common import REPO, machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(d: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+               "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """The server and the workers it started (its own process group), at once."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run(d: Path, label: str, labels_per_class: int, kill_after: float | None) -> dict:
+    port = free_port()
+    server = start_server(d / label, port)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["finetune"]["labels_per_class"] = labels_per_class
+    (d / label / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "TRANSFERPIPE_CHECKPOINT_DIR": str(d / label / "checkpoints")}  # fmt: skip
+    out = d / label
+    command = [sys.executable, "-m", "stages.finetune", "--params", str(out / "params.yaml"), "--data",
+               "data/tokenized", "--encoder", "models/pretrained", "--variant", "pretrained", "--out",
+               f"{out}/model", "--metrics", f"{out}/metrics.json", "--plots", f"{out}/plots"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    seen: dict[str, float] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        line = ""
+        for char in iter(lambda: proc.stderr.read(1), ""):
+            line += char
+            if "step/s" in line or "s/step" in line:
+                seen.setdefault("training", time.perf_counter())
+            if char in "\r\n":
+                if line.startswith("warning:"):
+                    seen.setdefault("warning", time.perf_counter())
+                if line.strip():
+                    lines.append(line.strip())
+                line = ""
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    killed = None
+    if kill_after is not None:
+        while "training" not in seen and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(kill_after)
+        kill(server)
+        killed = time.perf_counter()
+    proc.wait()
+    reader.join(timeout=10)
+    wall = time.perf_counter() - start
+    if kill_after is None:
+        kill(server)
+    stall = seen["warning"] - killed if killed is not None and "warning" in seen else None
+    last = next((x for x in reversed(lines) if x.startswith(("error:", "finetune:", "warning:"))), "")
+    return {"label": label, "wall": wall, "exit": proc.returncode, "stall": stall, "last": last}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels-per-class", type=int, default=5)
+    parser.add_argument("--kill-after", type=float, default=20.0, help="seconds of training before the kill")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for label in ("reference", "outage"):
+            (d / label).mkdir()
+        reference = run(d, "reference", args.labels_per_class, None)
+        outage = run(d, "outage", args.labels_per_class, args.kill_after)
+    print(machine())
+    for r in (reference, outage):
+        stall = f", kill to warning {r['stall']:.1f} s" if r["stall"] is not None else ""
+        print(f"{r['label']:>9}: {r['wall']:.1f} s, exit {r['exit']}{stall}; last line: {r['last'][:200]}")
+    print(f"outage / reference wall time: {outage['wall'] / reference['wall']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
