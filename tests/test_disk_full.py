@@ -82,9 +82,9 @@ def test_a_checkpoint_and_an_output_that_do_not_fit_leave_the_previous_ones(smal
 
     with atomic_dir(small_disk / "out") as tmp:
         (tmp / "a.bin").write_text("previous")
-    with pytest.raises(UserError, match=r"for the output .*out \(more than the .* MB written; .* free there\)") as e:
-        with atomic_dir(small_disk / "out") as tmp:
-            (tmp / "a.bin").write_bytes(b"x" * 2_000_000)
+    written = r"for the output .*out \(more than the .* MB written; .* free there\)"
+    with pytest.raises(UserError, match=written) as e, atomic_dir(small_disk / "out") as tmp:
+        (tmp / "a.bin").write_bytes(b"x" * 2_000_000)
     assert "the previous output is intact" in str(e.value)
     assert sorted(p.name for p in small_disk.iterdir()) == ["ck", "out"]  # no temporary sibling
     assert (small_disk / "out/a.bin").read_text() == "previous"

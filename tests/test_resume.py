@@ -206,9 +206,9 @@ def test_killed_pretraining_under_torchrun_resumes_every_rank(prepared: Path, ml
 def test_a_stop_signal_checkpoints_the_step_it_arrived_at_and_a_rerun_resumes_there(
     prepared: Path, mlflow_uri: str
 ) -> None:
-    """A preemption (SIGTERM; SIGUSR1, a scheduler's warning, takes the same path) mid-epoch, with no periodic checkpoints: the
-    step under way finishes, a checkpoint of it is written, the run ends KILLED with one line, and the rerun
-    continues from that step to the weights of an uninterrupted run, in the same MLflow run."""
+    """A preemption (SIGTERM; SIGUSR1, a scheduler's warning, takes the same path) mid-epoch, with no periodic
+    checkpoints: the step under way finishes, a checkpoint of it is written, the run ends KILLED with one line,
+    and the rerun continues from that step to the weights of an uninterrupted run, in the same MLflow run."""
     d, signum = prepared, signal.SIGTERM
     # Steps of a few milliseconds, a few hundred in all; rows go to MLflow as they come.
     params = tiny_params(
@@ -321,3 +321,46 @@ def test_a_tracking_failure_after_training_keeps_the_model_and_a_rerun_only_reco
     assert run.info.status == "FINISHED"
     version = client.get_model_version_by_alias("transferpipe-test-classifier", "candidate")
     assert version.run_id == run.info.run_id
+
+
+def test_a_retry_after_a_failed_registration_logs_and_registers_the_model_once(
+    prepared: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The model is logged, then the registration fails (the store went away between the two calls, here
+    injected): the rerun finds the logged model by its files' digest and registers it, without a second copy."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from stages import finetune
+    from transferpipe.errors import UserError
+
+    d = prepared
+    params = tiny_params(d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16})
+    pretrain.main(
+        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
+         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
+    )  # fmt: skip
+    argv = stage_command("finetune", params, d, "model")[3:]
+    register = mlflow.register_model
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise MlflowException("API request to http://tracking/api/2.0/mlflow/model-versions/create failed")
+
+    monkeypatch.setattr(mlflow, "register_model", unreachable)
+    with pytest.raises(UserError, match=r"is complete, but MLflow could not record it"):
+        finetune.main(argv)
+    monkeypatch.setattr(mlflow, "register_model", register)
+    capsys.readouterr()
+    finetune.main(argv)
+    assert "the model is logged to MLflow already" in capsys.readouterr().out
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = runs_by_name(client, "finetune-pretrained")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )  # fmt: skip
+    assert len(models) == 1
+    (version,) = client.search_model_versions("name = 'transferpipe-test-classifier'")
+    assert version.source == models[0].model_uri and version.run_id == run.info.run_id
+    assert client.get_model_version_by_alias("transferpipe-test-classifier", "candidate").version == version.version

@@ -210,6 +210,9 @@ class Run:
 
         With a registered_model_name it becomes a new version of that registered model, with alias
         `candidate` pointing at it; returns the version (a string, as in `models:/<name>/<version>`).
+
+        Idempotent: a rerun after a failure later on (the registration, the store going away) finds the model it
+        logged from the same files (tag transferpipe.model_sha256) and the version it registered, and reuses them.
         """
         if not self.run_id:
             return None
@@ -223,38 +226,61 @@ class Run:
         import torch
         import transformers
 
-        print(f"logging the model to MLflow ({self.run_id}) and checking it predicts its input example ...", flush=True)
-        with tempfile.TemporaryDirectory() as work:
-            # The artifact keeps its folder's name: `classifier`, not the atomic write's hidden temporary name.
-            folder = shutil.copytree(model_dir, Path(work) / "classifier")
-            info = _retry_locked(
-                lambda: mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=python_model,
-                    artifacts={"model": str(folder)},
-                    code_paths=[str(Path(__file__).parent)],  # the transferpipe package itself
-                    model_config={"max_length": max_length, "max_windows": max_windows},
-                    input_example=example_texts[:2],
-                    # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
-                    pip_requirements=[
-                        f"torch=={torch.__version__.split('+')[0]}",
-                        f"transformers=={transformers.__version__}",
-                        f"tokenizers=={tokenizers.__version__}",
-                        f"datasets=={datasets.__version__}",
-                        f"scikit-learn=={sklearn.__version__}",
-                    ],
-                )
-            )
+        from transferpipe.sources import sha256_of
+
+        digest = sha256_of(model_dir)
+        model_uri = self._logged_model(digest)
+        if model_uri:
+            print(f"the model is logged to MLflow already ({model_uri}, the same files): not logging it again")
+        else:
+            print(f"logging the model to MLflow ({self.run_id}) and checking it predicts its input example ...",
+                  flush=True)  # fmt: skip
+            with tempfile.TemporaryDirectory() as work:
+                # The artifact keeps its folder's name: `classifier`, not the atomic write's hidden temporary name.
+                folder = shutil.copytree(model_dir, Path(work) / "classifier")
+                model_uri = _retry_locked(
+                    lambda: mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=python_model,
+                        artifacts={"model": str(folder)},
+                        code_paths=[str(Path(__file__).parent)],  # the transferpipe package itself
+                        model_config={"max_length": max_length, "max_windows": max_windows},
+                        input_example=example_texts[:2],
+                        # Pinned explicitly: MLflow's inference of them imports torchvision, which is not installed.
+                        pip_requirements=[
+                            f"torch=={torch.__version__.split('+')[0]}",
+                            f"transformers=={transformers.__version__}",
+                            f"tokenizers=={tokenizers.__version__}",
+                            f"datasets=={datasets.__version__}",
+                            f"scikit-learn=={sklearn.__version__}",
+                        ],
+                        tags={MODEL_SHA256_TAG: digest},
+                    )
+                ).model_uri
         if not registered_model_name:
             return None
         from mlflow.tracking import MlflowClient
 
-        # MLflow 3 keeps the model's files with its logged model (models:/m-...), linked to this run.
-        version = _retry_locked(lambda: mlflow.register_model(info.model_uri, registered_model_name))
-        _retry_locked(
-            lambda: MlflowClient().set_registered_model_alias(registered_model_name, CANDIDATE, version.version)
-        )
+        client = MlflowClient()
+        # MLflow 3 keeps the model's files with its logged model (models:/m-...), linked to this run. A retry after
+        # a failed registration finds the version it made, if any, instead of making a second one.
+        query = f"name = '{registered_model_name}' and run_id = '{self.run_id}'"
+        made = [v for v in _retry_locked(lambda: client.search_model_versions(query)) if v.source == model_uri]
+        version = made[0] if made else _retry_locked(lambda: mlflow.register_model(model_uri, registered_model_name))
+        _retry_locked(lambda: client.set_registered_model_alias(registered_model_name, CANDIDATE, version.version))
         return str(version.version)
+
+    def _logged_model(self, digest: str) -> str | None:
+        """The URI of the model this run logged from these files already (a retry after a later step failed)."""
+        import mlflow
+
+        experiment = _retry_locked(lambda: mlflow.get_run(self.run_id)).info.experiment_id
+        query = f"source_run_id = '{self.run_id}' AND tags.`{MODEL_SHA256_TAG}` = '{digest}'"
+        found = _retry_locked(
+            lambda: mlflow.search_logged_models(experiment_ids=[experiment], filter_string=query, output_format="list")
+        )
+        ready = [m for m in found if str(m.status).endswith("READY")]
+        return ready[0].model_uri if ready else None
 
 
 def check_tracking(params: TrackingParams) -> None:
@@ -698,6 +724,7 @@ def _is_version_of_run(client: Any, name: str, version: str, run_id: str | None,
 # Model-version tags evaluate sets: the test set and label names a version was scored on, and its score there.
 TEST_SHA256_TAG = "transferpipe.test_sha256"
 LABELS_TAG = "transferpipe.labels"
+MODEL_SHA256_TAG = "transferpipe.model_sha256"  # a logged model's files, so that a retry logs it once
 SCORE_TAG = f"transferpipe.{CHAMPION_METRIC}"
 # Rounds of promote_champion's read-and-move loop before it gives up: each evaluate moves the alias at most a
 # couple of times once every score is in, so this only ends a registry that something else keeps moving.
