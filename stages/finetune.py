@@ -49,7 +49,7 @@ from transferpipe.params import (
 )
 from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, lineage_tags, recording, start_run
+from transferpipe.tracking import SEED_GROUP_TAG, check_tracking, lineage_tags, recording, seed_group, start_run
 from transferpipe.training import FitResult, seed_everything
 
 VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = sequence_classifier(args.encoder, label_names, params.classifier_dropout, params.classifier_pooling)
     pretrain_run = read_json(args.encoder / "training_run.json").get("mlflow_run_id")
 
-    tags = {"transferpipe.variant": args.variant, **lineage_tags(args.data), **lineage_tags(args.encoder)}
+    tags = {"transferpipe.variant": args.variant, **lineage_tags(args.data), **lineage_tags(args.encoder),
+            SEED_GROUP_TAG: seed_group(args.params, args.variant)}  # fmt: skip
     if pretrain_run:
         tags["transferpipe.pretrain_run_id"] = pretrain_run
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.

@@ -164,3 +164,17 @@ def test_runs_that_differ_only_in_the_seed_are_grouped_with_mean_and_sd(
     assert "| pretrained | 0.0001 | 2 | 1, 2 | 0.8600 ± 0.0141 | 0.8700 ± 0.0141 |" in text
     assert "| 4 |" not in text.split("grouped")[1]  # the failed run is in the run table only
     assert "0.9200 ± 0.0200" in capsys.readouterr().out
+
+
+def test_the_seed_group_tag_is_shared_by_runs_that_differ_only_in_the_seed(tmp_path: Path) -> None:
+    from tests.helpers import tiny_params
+    from transferpipe.tracking import seed_group
+
+    def group(variant: str = "pretrained", **finetune: object) -> str:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        return seed_group(tiny_params(folder, finetune=finetune), variant)
+
+    assert group(seed=1) == group(seed=2) == group(seed=3)
+    assert group(seed=1, encoder_learning_rate=3.0e-4) != group(seed=1)
+    assert group("scratch", seed=1) != group(seed=1)

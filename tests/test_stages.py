@@ -166,6 +166,8 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
         "scratch",
     )
     assert fine.data.tags["transferpipe.pretrain_run_id"] == pre.info.run_id
+    groups = fine.data.tags["transferpipe.seed_group"], scratch.data.tags["transferpipe.seed_group"]
+    assert len(set(groups)) == 2 and all(len(g) == 12 for g in groups)  # a group per variant, for the MLflow UI
     # Each training run names the data it learned from: the source's path and content hash.
     source = json.loads((pipeline_dir / "metrics/data.json").read_text())["sources"]["source"]
     for run in (pre, fine, scratch):

@@ -400,6 +400,24 @@ def _create_experiment(name: str, location: str | None) -> None:
             raise
 
 
+SEED_GROUP_TAG = "transferpipe.seed_group"
+# The params a finetune run's result depends on; runs equal in all of them but finetune.seed form one group.
+SEED_GROUP_SECTIONS = ("prepare", "tokenize", "model", "pretrain", "finetune")
+
+
+def seed_group(params_file: Path, variant: str) -> str:
+    """A short key that the finetune runs of one recipe share whatever their `finetune.seed`: a hash of the
+    variant and of every param they depend on but the seed (tag transferpipe.seed_group, which the MLflow UI
+    can group runs by; `transferpipe compare` shows the groups' mean ± sd)."""
+    import yaml
+
+    params = yaml.safe_load(Path(params_file).read_text()) or {}
+    recipe = {section: params.get(section) for section in SEED_GROUP_SECTIONS}
+    recipe["finetune"] = {k: v for k, v in (recipe["finetune"] or {}).items() if k != "seed"}
+    text = json.dumps({"variant": variant, "params": recipe}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def lineage_tags(folder: Path) -> dict[str, str]:
     """Tags naming the data a run trained on: the sources.json that prepare writes and tokenize copies into
     its outputs (path, content hash, package version or hub revision of each source), and an encoder folder's
