@@ -5,10 +5,12 @@ last line, and for the outage the stall: the seconds between the last progress-b
 `warning:` line and that line (training holds still while the failed send waits; the bar redraws every second
 otherwise), and the seconds from the kill to the warning (rows are sent at the next checkpoint).
 
-It reads this checkout's data/tokenized and models/pretrained (`dvc repro tokenize pretrain` first); the
-server's store and the checkpoints live in a temporary folder.
+It reads the data/tokenized and models/pretrained of the checkout --root (default this one; `dvc repro tokenize
+pretrain` first), with its params.yaml and --set overrides; --stage pretrain trains the encoder instead (from
+data/blocks and models/tokenizer). The server's store and the checkpoints live in a temporary folder.
 
 Run: python -m bench.tracking_outage [--labels-per-class 5] [--kill-after 20] [--reference]
+     python -m bench.tracking_outage --root <a tiny-profile checkout> --stage pretrain --set pretrain.max_steps=4000
 """
 
 from __future__ import annotations
@@ -62,18 +64,27 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run(d: Path, label: str, labels_per_class: int, kill_after: float | None) -> dict:
+def run(d: Path, label: str, args: argparse.Namespace, kill_after: float | None) -> dict:
     port = free_port()
     server = start_server(d / label, port)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["finetune"]["labels_per_class"] = labels_per_class
+    params = yaml.safe_load((args.root / "params.yaml").read_text())
+    params["finetune"]["labels_per_class"] = args.labels_per_class
+    for assignment in args.set:
+        key, value = assignment.split("=", 1)
+        section, name = key.split(".", 1)
+        params[section][name] = yaml.safe_load(value)
     (d / label / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
            "TRANSFERPIPE_CHECKPOINT_DIR": str(d / label / "checkpoints")}  # fmt: skip
-    out = d / label
-    command = [sys.executable, "-m", "stages.finetune", "--params", str(out / "params.yaml"), "--data",
-               "data/tokenized", "--encoder", "models/pretrained", "--variant", "pretrained", "--out",
-               f"{out}/model", "--metrics", f"{out}/metrics.json", "--plots", f"{out}/plots"]  # fmt: skip
+    out, root = d / label, args.root
+    common = ["--params", str(out / "params.yaml"), "--metrics", f"{out}/metrics.json", "--plots", f"{out}/plots"]
+    if args.stage == "finetune":
+        command = ["--data", f"{root}/data/tokenized", "--encoder", f"{root}/models/pretrained", "--variant",
+                   "pretrained", "--out", f"{out}/model"]  # fmt: skip
+    else:
+        command = ["--data", f"{root}/data/blocks", "--tokenizer", f"{root}/models/tokenizer", "--out",
+                   f"{out}/model", "--scratch", f"{out}/scratch"]  # fmt: skip
+    command = [sys.executable, "-m", f"stages.{args.stage}", *common, *command]
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
@@ -111,7 +122,7 @@ def run(d: Path, label: str, labels_per_class: int, kill_after: float | None) ->
     if kill_after is None:
         kill(server)
     to_warning = seen["warning"] - killed if killed is not None and "warning" in seen else None
-    last = next((x for x in reversed(lines) if x.startswith(("error:", "finetune:", "warning:"))), "")
+    last = next((x for x in reversed(lines) if x.startswith(("error:", f"{args.stage}:", "warning:"))), "")
     return {"label": label, "wall": wall, "exit": proc.returncode, "stall": seen.get("stall"),
             "to_warning": to_warning, "last": last}  # fmt: skip
 
@@ -121,14 +132,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels-per-class", type=int, default=5)
     parser.add_argument("--kill-after", type=float, default=20.0, help="seconds of training before the kill")
     parser.add_argument("--reference", action="store_true", help="also a run with the server up throughout")
+    parser.add_argument("--root", type=Path, default=REPO, help="the checkout whose params and outputs to use")
+    parser.add_argument("--stage", choices=["finetune", "pretrain"], default="finetune")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value over its params.yaml")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for label in ("reference", "outage"):
             (d / label).mkdir()
-        runs = [run(d, "outage", args.labels_per_class, args.kill_after)]
+        runs = [run(d, "outage", args, args.kill_after)]
         if args.reference:
-            runs.append(run(d, "reference", args.labels_per_class, None))
+            runs.append(run(d, "reference", args, None))
     print(machine())
     for r in runs:
         if r["stall"] is not None:
