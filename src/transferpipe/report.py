@@ -31,7 +31,7 @@ from typing import Any
 
 from transferpipe.errors import UserError
 from transferpipe.evaluation import confusion
-from transferpipe.io import write_text_atomic
+from transferpipe.io import SKIPPED, write_text_atomic
 from transferpipe.significance import PairedDelta, paired_bootstrap
 
 PARAMS_FILE = "params.yaml"
@@ -43,6 +43,7 @@ RUN_FILES = {
     "finetune (scratch)": "models/finetuned/scratch/training_run.json",
 }
 MISSING = "—"
+NOT_TRAINED = "not trained (skipped)"
 
 # (file name, title, [(csv path, column, series label)], y label); missing files or columns are skipped.
 CURVES = [
@@ -292,10 +293,13 @@ def _runs_section(root: Path, base_sha: str, new: Side) -> list[str]:
     lines = ["## MLflow runs", "", "| stage | base run id | new run id |", "|---|---|---|"]
     missing = []
     for stage, path in RUN_FILES.items():
+        skipped_file = str(Path(path).parent / SKIPPED)  # a model the params said not to make: no run to find
         before = _base_run_id(root, base_sha, path)
-        if before is None:
+        if before is None and _base_run_id(root, base_sha, skipped_file, raw=True) is not None:
+            before = NOT_TRAINED
+        elif before is None:
             missing.append(path)
-        after = _run_id(new.read(path))
+        after = NOT_TRAINED if new.read(skipped_file) is not None else _run_id(new.read(path))
         lines.append(f"| {stage} | {_code(before)} | {_code(after)} |")
     lines.append("")
     if missing:
@@ -307,11 +311,13 @@ def _runs_section(root: Path, base_sha: str, new: Side) -> list[str]:
     return lines
 
 
-def _base_run_id(root: Path, rev: str, path: str) -> str | None:
+def _base_run_id(root: Path, rev: str, path: str, raw: bool = False) -> str | None:
+    """The MLflow run id in `path` at `rev` (with raw=True the file's text), None where it cannot be read."""
     import dvc.api
 
     try:
-        return _run_id(dvc.api.read(path, repo=str(root), rev=rev))
+        text = dvc.api.read(path, repo=str(root), rev=rev)
+        return text if raw else _run_id(text)
     except Exception:
         # Not tracked at that revision, not in the cache, no remote or an unreachable one: all mean "unknown".
         # The errors have no common base: a file inside a directory output whose .dir manifest is in neither
@@ -333,7 +339,7 @@ def _run_id(text: str | None) -> str | None:
 
 
 def _code(value: str | None) -> str:
-    return f"`{value}`" if value else MISSING
+    return value if value == NOT_TRAINED else f"`{value}`" if value else MISSING
 
 
 # --- figures -----------------------------------------------------------------------------------------------
