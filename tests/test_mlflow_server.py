@@ -436,3 +436,62 @@ def _logged_steps(client: MlflowClient, run_id: str | None = None) -> list[int]:
             return []
         run_id = runs[0].info.run_id
     return [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_a_server_that_restarts_mid_training_gets_every_row_once_in_the_same_run(
+    tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """The server SIGKILLed after the second batch of rows reached it, and started again (same store, same port)
+    when training first fails to send: one warning line, one line when it answers again, the held rows sent in
+    the same run, which ends FINISHED with every row of the training curve once. The kill and the restart are
+    driven by the stage's own sends (in-process, retried at once), so the test does not race training speed."""
+    params = tiny_params(
+        tmp_path, prepare={"source": str(tiny_csv)}, pretrain={"max_steps": 200, "checkpoint_every": 20}
+    )
+    for stage in (prepare, tokenize):
+        stage.main(stage_args(tmp_path, params, stage.__name__.split(".")[-1]))
+    (tmp_path / "server").mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    servers = [start_server(tmp_path / "server", port)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TRANSFERPIPE_CHECKPOINT_DIR", str(tmp_path / "ck"))
+    monkeypatch.setattr(tracking, "RESEND_AFTER_S", 0.0)
+    send_rows, events = tracking.Run.send_rows, []
+
+    def send_and_break(self: tracking.Run, rows: list, once: bool = False, force: bool = False) -> bool:
+        sent = send_rows(self, rows, once=once, force=force)
+        events.append(sent)
+        if events.count(True) == 2 and sent and len(servers) == 1:
+            os.killpg(servers[0].pid, signal.SIGKILL)  # the server and its workers, as a crashed host loses them
+            servers[0].wait()
+            servers.append(None)
+        elif not sent and servers[-1] is None:
+            servers[-1] = start_server(tmp_path / "server", port)  # back, on the same store and port
+        return sent
+
+    monkeypatch.setattr(tracking.Run, "send_rows", send_and_break)
+    try:
+        capfd.readouterr()
+        pretrain.main(stage_args(tmp_path, params, "pretrain"))
+        err = capfd.readouterr().err
+    finally:
+        for server in servers:
+            if server is not None:
+                stop(server)
+    assert False in events and events[-1] is True  # a send failed, and the last one went through
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "is not answering" in warnings[0] and "training continues" in warnings[0], err
+    assert len([line for line in err.splitlines() if line.startswith("MLflow store answers again")]) == 1
+    assert "Traceback" not in err
+    servers = [start_server(tmp_path / "server", port)]  # to read what the store holds
+    try:
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("transferpipe-test").experiment_id])
+        logged = _logged_steps(client, run.info.run_id)
+    finally:
+        stop(servers[0])
+    written = pd.read_csv(tmp_path / "plots/pretrain/train.csv")["step"].tolist()
+    assert run.info.status == "FINISHED"
+    assert logged == written and written[-1] == 200  # every row of the training curve, once each
