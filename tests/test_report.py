@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
-from transferpipe.report import Side, freshness_line, verdicts_section
+from transferpipe.report import Side, freshness_line, sweeps_section, verdicts_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32
@@ -272,3 +272,28 @@ def test_the_first_line_says_whether_the_committed_results_are_current(tmp_path:
     assert stale.startswith("**Results are stale**: changed since they were run: train (params.yaml: finetune.epochs)")
     sh([sys.executable, "-m", "dvc", "repro", "-q"], root, env)
     assert first_line().startswith("**Results are current**")
+
+
+def test_seed_sweeps_flag_differences_within_the_seed_spread() -> None:
+    """The DAPT change of docs/LOG.md at 5 labels per class: the fine-tuned model's mean moved by less than its
+    seed spread (within), TF-IDF not at all (within); at 20 labels only the head has a sweep: no row."""
+
+    def row(labels: object, n: int, **scores: tuple[float, float]) -> dict:
+        values = {f"{m}_{k}": v for m, (mean, sd) in scores.items() for k, v in (("mean", mean), ("std", sd))}
+        return {"labels_per_class": labels, "experiments": n, **values}
+
+    base = [row(5, 3, pretrained=(0.926, 0.024), tfidf_logreg=(0.852, 0.014)), row(20, 1, pretrained=(0.959, 0.0))]
+    head = [
+        row(5, 3, pretrained=(0.935, 0.006), tfidf_logreg=(0.852, 0.014)),
+        row(20, 3, pretrained=(0.990, 0.001)),
+    ]
+    lines = sweeps_section(base, head)
+    assert lines[0] == "## Seed sweeps"
+    table = [line for line in lines if line.startswith("| 5 ") or line.startswith("| 20 ")]
+    assert table == [
+        "| 5 | pretrained | 0.926 ± 0.024 (n=3) | 0.935 ± 0.006 (n=3) | +0.90 points | within the seed spread |",
+        "| 5 | tfidf_logreg | 0.852 ± 0.014 (n=3) | 0.852 ± 0.014 (n=3) | +0.00 points | within the seed spread |",
+    ]
+    moved = sweeps_section(base, [row(5, 3, pretrained=(0.980, 0.010))])
+    assert "| +5.40 points | beyond the seed spread |" in moved[4]
+    assert sweeps_section(base, [row(20, 3, pretrained=(0.99, 0.0))]) == []  # one run at the base: no spread

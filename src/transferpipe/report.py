@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path, section: st
 
     lines = [freshness_line(root), "", f"# transferpipe report: {new.label} vs {old.label}", ""]
     lines += verdicts_section(old, new)
+    lines += sweeps_section(*(_sweep(root, rev) for rev in (base_sha, "HEAD")))
     lines += _dvc_diff_section(root, "params", base, "Params", f"No params changed in {PARAMS_FILE}.")
     lines += _dvc_diff_section(root, "metrics", base, "Metrics", f"No metrics changed under {METRICS_DIR}/.")
     lines += _runs_section(root, base_sha, new)
@@ -233,6 +235,52 @@ def verdicts_section(old: Side, new: Side) -> list[str]:
         "",
         f"Paired bootstrap over the {sets[1]['documents']} test documents ({RESAMPLES:,} resamples, seed 0), 95% "
         "intervals of head minus base in points; better or worse when the interval excludes 0.",
+        "",
+    ]
+    return lines
+
+
+def _sweep(root: Path, rev: str) -> list[dict]:
+    """label_efficiency.summarize's rows for the finished DVC experiments of commit `rev` ([] for none)."""
+    from transferpipe.label_efficiency import experiments_from_show, show_experiments, summarize
+
+    try:
+        found, _ = experiments_from_show(show_experiments(root, rev))
+        return summarize(found)[0] if found else []
+    except UserError:
+        return []
+
+
+def sweeps_section(base: list[dict], head: list[dict]) -> list[str]:
+    """Where both revisions have seed sweeps (label-efficiency experiments: label_efficiency.summarize's rows),
+    each point's mean ± sd per model at both, and whether the difference of the means is within the seed spread
+    (no larger than the larger of the two standard deviations): there a single run's delta says little."""
+    before = {row["labels_per_class"]: row for row in base if row["experiments"] > 1}
+    points = [row for row in head if row["experiments"] > 1 and row["labels_per_class"] in before]
+    if not points:
+        return []
+    lines = [
+        "## Seed sweeps",
+        "",
+        "| labels per class | model | base | head | difference | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in points:
+        old = before[row["labels_per_class"]]
+        for model in [k.removesuffix("_mean") for k in row if k.endswith("_mean") and k in old]:
+            mean, sd = row[f"{model}_mean"], row[f"{model}_std"]
+            old_mean, old_sd = old[f"{model}_mean"], old[f"{model}_std"]
+            if math.isnan(mean) or math.isnan(old_mean):
+                continue
+            spread = "within the seed spread" if abs(mean - old_mean) <= max(sd, old_sd) else "beyond the seed spread"
+            lines.append(
+                f"| {row['labels_per_class']} | {model} | {old_mean:.3f} ± {old_sd:.3f} (n={old['experiments']}) | "
+                f"{mean:.3f} ± {sd:.3f} (n={row['experiments']}) | {100 * (mean - old_mean):+.2f} points | {spread} |"
+            )
+    lines += [
+        "",
+        "Test macro-F1 of the finished DVC experiments of each revision (`transferpipe label-efficiency`), mean ± sd "
+        "over seeds; within the seed spread when the difference is no larger than the larger sd.",
         "",
     ]
     return lines
