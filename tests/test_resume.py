@@ -109,6 +109,14 @@ def prepared(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytes
     return d
 
 
+def pretrain_encoder(d: Path, params: Path) -> None:
+    """The encoder finetune starts from (d/enc), pretrained in-process with `params`."""
+    pretrain.main(
+        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
+         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
+    )  # fmt: skip
+
+
 def long_pretraining(d: Path, steps: int, **model: str) -> Path:
     """The tiny profile with `steps` of pretraining, a checkpoint every 30: long enough to kill mid-run."""
     return tiny_params(
@@ -164,10 +172,7 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
         finetune={"epochs": 6, "checkpoint_every": 20, "early_stopping_patience": 100},
     )  # fmt: skip
-    pretrain.main(
-        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
-         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
-    )  # fmt: skip
+    pretrain_encoder(d, params)
     env = env_for(mlflow_uri)
     run_stage(stage_command("finetune", params, d, "whole"), d, env)
     killed = kill_after_first_checkpoint(stage_command("finetune", params, d, "resumed"), d, env)
@@ -215,10 +220,7 @@ def test_a_stop_signal_checkpoints_the_step_it_arrived_at_and_a_rerun_resumes_th
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
         finetune={"epochs": 20, "checkpoint_every": None, "early_stopping_patience": 1000},
     )  # fmt: skip
-    pretrain.main(
-        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
-         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
-    )  # fmt: skip
+    pretrain_encoder(d, params)
     env = env_for(mlflow_uri)
     run_stage(stage_command("finetune", params, d, "whole"), d, env)
     client = MlflowClient(mlflow_uri)
@@ -290,10 +292,7 @@ def test_a_tracking_failure_after_training_keeps_the_model_and_a_rerun_only_reco
 
     d = prepared
     params = tiny_params(d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16})
-    pretrain.main(
-        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
-         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
-    )  # fmt: skip
+    pretrain_encoder(d, params)
     # The experiment's artifact store sits below a file: every artifact write (the model) fails, metrics do not.
     (d / "blocker").write_text("not a folder")
     mlflow.set_tracking_uri(mlflow_uri)
@@ -336,10 +335,7 @@ def test_a_retry_after_a_failed_registration_logs_and_registers_the_model_once(
 
     d = prepared
     params = tiny_params(d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16})
-    pretrain.main(
-        ["--params", str(params), "--data", f"{d}/b", "--tokenizer", f"{d}/tok", "--out", f"{d}/enc",
-         "--scratch", f"{d}/enc-scratch", "--metrics", f"{d}/enc.json", "--plots", f"{d}/enc-plots"]
-    )  # fmt: skip
+    pretrain_encoder(d, params)
     argv = stage_command("finetune", params, d, "model")[3:]
     register = mlflow.register_model
 
