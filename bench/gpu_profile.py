@@ -35,7 +35,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from transferpipe.flops import forward_flops, mfu, peak_bf16
-from transferpipe.modeling import pick_device, pretraining_model
+from transferpipe.distributed import pick_device
+from transferpipe.modeling import pretraining_model
 from transferpipe.params import ModelParams, PretrainParams, TokenizeParams, load_section
 from transferpipe.pretraining import pretrain
 from transferpipe.tokenization import load_tokenizer

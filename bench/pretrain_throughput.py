@@ -27,7 +27,8 @@ from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
 from bench.common import default_data, load, machine, reference_bert_config, report
 from transferpipe import flops
-from transferpipe.modeling import pick_device, pretraining_model
+from transferpipe.distributed import pick_device
+from transferpipe.modeling import pretraining_model
 from transferpipe.pretraining import objective
 from transferpipe.tokenization import pack_blocks
 from transferpipe.training import use_bf16

@@ -40,7 +40,8 @@ from transferpipe.evaluation import (
 )
 from transferpipe.inference import predict_texts
 from transferpipe.io import atomic_dir, read_json, skipped, write_json
-from transferpipe.modeling import load_classifier, pick_device
+from transferpipe.distributed import pick_device
+from transferpipe.modeling import load_classifier
 from transferpipe.params import (
     EvaluateParams,
     FinetuneParams,

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
-        process_group() as device,
+        process_group(params.device, "finetune.device") as device,
         start_run(
             "finetune", tracking, tags, name=f"finetune-{args.variant}", primary=is_main(), resume=checkpoints.run_id
         ) as run,

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     tags = lineage_tags(args.data) | lineage_to_tags({"checkpoint": started_from})
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
-        process_group() as device,
+        process_group(params.device, "pretrain.device") as device,
         start_run("pretrain", tracking, tags, primary=is_main(), resume=checkpoints.run_id) as run,
     ):
         run.log_params(

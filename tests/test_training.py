@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from transferpipe import distributed
+from transferpipe.checkpoint import rng_state, set_rng_state
 from transferpipe.errors import UserError
 from transferpipe.tracking import Run
 from transferpipe.training import (
@@ -231,9 +233,50 @@ def test_train_loader_rejects_negative_workers() -> None:
 
 
 def test_precision_decides_bf16_autocast_per_device() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert [use_bf16(p, cpu) for p in ("auto", "bf16", "fp32")] == [cpu_has_fast_bf16(), True, False]
     assert [use_bf16(p, cuda) for p in ("auto", "bf16", "fp32")] == [True, True, False]
+    assert [use_bf16(p, mps) for p in ("auto", "bf16", "fp32")] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "auto"), [(True, True, "cuda"), (False, True, "mps"), (True, False, "cuda"), (False, False, "cpu")]
+)
+def test_device_auto_takes_cuda_then_mps_then_the_cpu_and_a_missing_one_is_one_line(
+    cuda: bool, mps: bool, auto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The availability checks patched: no MPS (nor CUDA) has run this on real hardware here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert distributed.pick_device("auto") == torch.device(auto)
+    assert distributed.pick_device("cpu") == torch.device("cpu")
+    for name, present in (("cuda", cuda), ("mps", mps)):
+        if present:
+            assert distributed.pick_device(name, "finetune.device") == torch.device(name)
+        else:
+            with pytest.raises(UserError, match=rf"^params finetune.device='{name}', but this machine has no"):
+                distributed.pick_device(name, "finetune.device")
+
+
+def test_mps_trains_in_one_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError, match="params pretrain.device=mps trains in one process"):
+        with distributed.process_group("mps", "pretrain.device"):
+            pass
+
+
+def test_the_checkpoint_keeps_the_mps_generator_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    state = rng_state()
+    assert state["mps"] is saved
+    set_rng_state(state)
+    assert restored == [saved]
 
 
 def test_bf16_on_cpu_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from transferpipe import distributed
+from transferpipe.distributed import mps_available
 from transferpipe.errors import UserError, disk_full
 from transferpipe.io import megabytes, no_space
 from transferpipe.tracking import repo_root
@@ -66,6 +67,8 @@ def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if mps_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -79,6 +82,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -63,17 +63,38 @@ def is_main() -> bool:
     return rank() == 0
 
 
-@contextlib.contextmanager
-def process_group() -> Iterator[torch.device]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) for the duration; yields this rank's device.
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
-    Outside torchrun (or with WORLD_SIZE 1): no group, and the device is CUDA if available, else the CPU.
-    The group is destroyed on the way out, error or not, so a failing rank releases the others at once.
+
+def pick_device(choice: str = "auto", key: str = "device") -> torch.device:
+    """The device of params `key` (auto | cuda | mps | cpu): auto takes CUDA, then Apple's MPS, then the CPU.
+    Naming one that this machine lacks is a one-line error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available, "mps": mps_available, "cpu": lambda: True}
+    if choice not in available:
+        raise UserError(f"params {key}={choice!r} must be one of auto, cuda, mps, cpu")
+    if not available[choice]():
+        raise UserError(f"params {key}={choice!r}, but this machine has no {choice.upper()} device: use auto or cpu")
+    return torch.device(choice)
+
+
+@contextlib.contextmanager
+def process_group(choice: str = "auto", key: str = "device") -> Iterator[torch.device]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) for the duration; yields this rank's device,
+    the one params `key` chooses (pick_device).
+
+    Outside torchrun (or with WORLD_SIZE 1): no group. The group is destroyed on the way out, error or not, so
+    a failing rank releases the others at once.
     """
-    cuda = torch.cuda.is_available()
+    chosen = pick_device(choice, key)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield torch.device("cuda" if cuda else "cpu")
+        yield chosen
         return
+    if chosen.type == "mps":
+        raise UserError(f"params {key}=mps trains in one process: torchrun's process groups have no MPS backend")
+    cuda = chosen.type == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

@@ -303,7 +303,3 @@ def gradual_unfreezing(model: PreTrainedModel) -> Callable[[int], None]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

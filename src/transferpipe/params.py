@@ -189,6 +189,8 @@ class PretrainParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """`auto`: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; `bf16`: autocast
     on any device; `fp32`: never ([gpu.md](gpu.md#speed-settings))"""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """where training runs; `auto`: CUDA, else Apple's MPS, else the CPU ([gpu.md](gpu.md#devices))"""
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,8 @@ class FinetuneParams:
     """DataLoader worker processes per training process"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """as `pretrain.precision`"""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """as `pretrain.device`"""
 
 
 @dataclass(frozen=True)

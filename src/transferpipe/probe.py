@@ -22,7 +22,8 @@ from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
 from transferpipe.inference import collator_for, document_logits, first_windows, model_batches
 from transferpipe.io import read_json
-from transferpipe.modeling import encoder_of, pick_device, sequence_classifier
+from transferpipe.distributed import pick_device
+from transferpipe.modeling import encoder_of, sequence_classifier
 from transferpipe.tokenization import load_tokenizer
 
 

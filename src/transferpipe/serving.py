@@ -19,7 +19,8 @@ import pandas as pd
 import transferpipe.lstm  # noqa: F401  registers the LSTM with the Auto classes: no trust_remote_code needed
 from transferpipe.errors import UserError
 from transferpipe.inference import predict_texts
-from transferpipe.modeling import load_classifier, pick_device
+from transferpipe.distributed import pick_device
+from transferpipe.modeling import load_classifier
 from transferpipe.tokenization import load_tokenizer
 
 DEFAULT_BATCH_SIZE = 32  # windows per forward pass of the served model

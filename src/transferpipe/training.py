@@ -240,7 +240,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether training runs under bf16 autocast. params `precision`: bf16 always, fp32 never, auto on CUDA
-    and on CPUs with native bf16."""
+    and on CPUs with native bf16 (not on Apple's MPS: bf16 there needs macOS 14 and is untried here)."""
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
     return precision == "bf16"
