@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from transferpipe.flops import forward_flops, mfu, peak_bf16
 from transferpipe.distributed import pick_device
+from transferpipe.flops import forward_flops, mfu, peak_bf16
 from transferpipe.modeling import pretraining_model
 from transferpipe.params import ModelParams, PretrainParams, TokenizeParams, load_section
 from transferpipe.pretraining import pretrain

@@ -30,6 +30,7 @@ import argparse
 from pathlib import Path
 
 from transferpipe.data import per_class_indices, read_prepared
+from transferpipe.distributed import pick_device
 from transferpipe.errors import UserError, run_cli
 from transferpipe.evaluation import (
     classification_metrics,
@@ -40,7 +41,6 @@ from transferpipe.evaluation import (
 )
 from transferpipe.inference import predict_texts
 from transferpipe.io import atomic_dir, read_json, skipped, write_json
-from transferpipe.distributed import pick_device
 from transferpipe.modeling import load_classifier
 from transferpipe.params import (
     EvaluateParams,

@@ -262,9 +262,11 @@ def test_mps_trains_in_one_process_only(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(UserError, match="params pretrain.device=mps trains in one process"):
-        with distributed.process_group("mps", "pretrain.device"):
-            pass
+    with (
+        pytest.raises(UserError, match="params pretrain.device=mps trains in one process"),
+        distributed.process_group("mps", "pretrain.device"),
+    ):
+        pass
 
 
 def test_the_checkpoint_keeps_the_mps_generator_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,11 +18,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from transferpipe.data import per_class_indices
+from transferpipe.distributed import pick_device
 from transferpipe.errors import UserError
 from transferpipe.evaluation import classification_metrics
 from transferpipe.inference import collator_for, document_logits, first_windows, model_batches
 from transferpipe.io import read_json
-from transferpipe.distributed import pick_device
 from transferpipe.modeling import encoder_of, sequence_classifier
 from transferpipe.tokenization import load_tokenizer
 

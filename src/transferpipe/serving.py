@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 import transferpipe.lstm  # noqa: F401  registers the LSTM with the Auto classes: no trust_remote_code needed
+from transferpipe.distributed import pick_device
 from transferpipe.errors import UserError
 from transferpipe.inference import predict_texts
-from transferpipe.distributed import pick_device
 from transferpipe.modeling import load_classifier
 from transferpipe.tokenization import load_tokenizer
 
