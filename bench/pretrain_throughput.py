@@ -114,11 +114,22 @@ def main(argv: list[str] | None = None) -> None:
         f"ours in {'bf16 autocast' if bf16 else 'fp32'}, reference in fp32"
     )
     report("pretraining throughput", "tokens/s", ours_tps, ref_tps, target=2)
+    predicted = max(1, round(p.mlm_probability * block)) / block
     if cuda:
-        predicted = max(1, round(p.mlm_probability * block)) / block
         print("FLOPs (transferpipe.flops: model FLOPs count useful work, hardware FLOPs what the kernels run)")
         print(utilization_lines("ours", ours_tps, ours.model.config, block, predicted, head=predicted))
         print(utilization_lines("reference", ref_tps, reference.config, block, p.mlm_probability, head=1.0))
+    else:
+        print(f"model FLOPs against this CPU's measured matmul ceiling ({flops.cpu_name()}, transferpipe.flops)")
+        for name, tps, config, share, half in (
+            ("ours", ours_tps, ours.model.config, predicted, bf16),
+            ("reference", ref_tps, reference.config, p.mlm_probability, False),
+        ):
+            rows = flops.utilization(device, tps, flops.training_flops_per_token(config, block, share), config,
+                                     p.batch_size * block, half)  # fmt: skip
+            print(f"  {name:<10} {rows['model_gflops_per_second']:8.1f} model GFLOP/s, "
+                  f"{rows['matmul_ceiling_fraction']:.0%} of the {'bf16' if half else 'fp32'} ceiling "
+                  f"({rows['matmul_ceiling_gflops_per_second']:.0f} GFLOP/s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from transferpipe.checkpoint import Checkpoints
 from transferpipe.data import per_class_indices
 from transferpipe.distributed import is_main, process_group, relaunch_under_torchrun
 from transferpipe.errors import run_cli
-from transferpipe.finetuning import finetune
+from transferpipe.finetuning import finetune, utilization
 from transferpipe.inference import first_windows
 from transferpipe.io import atomic_dir, read_json, skipped, write_json, write_skipped
 from transferpipe.modeling import count_parameters, sequence_classifier
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         result = finetune(model, tokenizer, splits, label_names, params, run, device, checkpoints)
         best = result.best
+        # Model GFLOP/s against the GPU's bf16 peak or the CPU's measured matrix-product ceiling (transferpipe.flops).
+        used = utilization(model, params, windows.max_length, result.tokens_per_second, device)
         metrics = {
             "validation": {"macro_f1": best["macro_f1"], "accuracy": best["accuracy"], "loss": best["loss"]},
             "train": {
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "examples_per_second": round(result.examples_per_second, 1),
                 "skipped_steps": result.skipped_steps,
                 "checkpoint_seconds": round(result.checkpoint_seconds, 2),
+                **used,
             },
         }
         if not is_main():
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.write_curves(args.plots)
         with recording("finetune", args.out):
             run.log_metrics({"best/validation_macro_f1": best["macro_f1"], "best/epoch": best["epoch"] + 1})
+            run.log_metrics({f"train/{k}": v for k, v in used.items()})
             examples = tokenizer.batch_decode(
                 first_windows(splits["validation"])[:2]["input_ids"], skip_special_tokens=True
             )

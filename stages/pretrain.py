@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
             result = pretrain(model, tokenizer, blocks, params, run, device, checkpoints)
         else:
             result = evaluate_untrained(model, tokenizer, blocks, params, device)
-        # On a GPU: model and hardware FLOPs utilization against its bf16 peak (transferpipe.flops).
+        # Model GFLOP/s against the GPU's bf16 peak or the CPU's measured matrix-product ceiling (transferpipe.flops).
         block_size = len(blocks["mlm_train"][0]["input_ids"]) if params.enabled else 0
-        used = utilization(model, params, block_size, result.tokens_per_second) if params.enabled else {}
+        used = utilization(model, params, block_size, result.tokens_per_second, device) if params.enabled else {}
         metrics = {
             "eval": {k: v for k, v in result.best.items() if k not in ("step", "epoch")},  # loss, perplexity, ...
             "train": {

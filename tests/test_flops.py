@@ -9,14 +9,18 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, ModernBertModel
 
+from transferpipe import flops as flops_module
 from transferpipe.flops import (
     attended_keys,
     forward_flops,
     hardware_flops_per_token,
     layer_types,
+    linear_shapes,
+    matmul_ceiling,
     mfu,
     peak_bf16,
     training_flops_per_token,
+    utilization,
 )
 from transferpipe.lstm import LSTMConfig, LSTMForCausalLM
 from transferpipe.modeling import new_encoder_config
@@ -120,6 +124,45 @@ def test_lstm_counts_match_its_gates() -> None:
     assert flops.linear == 2 * gates == 2 * 3 * 8 * 32 * 32
     assert flops.attention == 0
     assert flops.head == 2 * linear_weights(model.lm_head)
+
+
+@pytest.mark.parametrize("kind", ["modernbert", "bert", "lstm"])
+def test_the_ceiling_multiplies_the_linear_layers_the_count_has(kind: str) -> None:
+    config = {
+        "modernbert": modernbert(),
+        "bert": BertConfig(**TINY, max_position_embeddings=64),
+        "lstm": LSTMConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3),
+    }[kind]
+    assert 2 * sum(i * o for i, o in linear_shapes(config)) == forward_flops(config, 16, 0.0).linear
+
+
+def test_the_cpu_ceiling_is_the_flops_of_the_products_over_their_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    timed = []
+
+    def seconds(shapes: list, rows: int, dtype: torch.dtype) -> float:
+        timed.append((rows, dtype))
+        return 0.5
+
+    monkeypatch.setattr(flops_module, "matmul_seconds", seconds)
+    config = modernbert()
+    # 3 layers x 10240 weights, forward and two gradients, 2 FLOPs each, at 64 rows, in half a second
+    assert matmul_ceiling(config, tokens=64, bf16=False) == 3 * 2 * 64 * 30_720 / 0.5
+    matmul_ceiling(config, tokens=10**6, bf16=True)
+    assert timed == [(64, torch.float32), (flops_module.MEASURED_ROWS, torch.bfloat16)]
+
+
+def test_the_products_are_timed() -> None:
+    assert 0 < flops_module.matmul_seconds([(32, 96), (64, 32)], 16, torch.float32) < 1
+
+
+def test_cpu_utilization_is_the_model_flops_over_the_measured_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flops_module, "matmul_ceiling", lambda config, tokens, bf16: 400e9)
+    rows = utilization(torch.device("cpu"), 1000.0, 1e8, modernbert(), 2048, bf16=True)
+    assert rows == {
+        "model_gflops_per_second": 100.0,
+        "matmul_ceiling_gflops_per_second": 400.0,
+        "matmul_ceiling_fraction": 0.25,
+    }
 
 
 def test_mfu_and_peaks() -> None:

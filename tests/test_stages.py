@@ -115,6 +115,10 @@ def test_metrics_are_finite_and_complete(pipeline_dir: Path) -> None:
     for variant in ("pretrained", "scratch"):
         fine = json.loads((d / f"metrics/finetune/{variant}.json").read_text())
         assert 0 <= fine["validation"]["macro_f1"] <= 1
+    for train in (pre["train"], fine["train"]):  # on the CPU: model FLOP/s against the measured matmul ceiling
+        achieved, ceiling = train["model_gflops_per_second"], train["matmul_ceiling_gflops_per_second"]
+        assert achieved > 0 and ceiling > 0  # (the tiny models' products are too small for a meaningful fraction)
+        assert train["matmul_ceiling_fraction"] == pytest.approx(achieved / ceiling, rel=1e-3)
     ev = json.loads((d / "metrics/evaluate.json").read_text())
     assert list(ev["test"]) == ["pretrained", "scratch", "tfidf_logreg"]
     for model in ("pretrained", "scratch", "tfidf_logreg"):

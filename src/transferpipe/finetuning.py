@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from transferpipe import distributed
+from transferpipe import distributed, flops
 from transferpipe.checkpoint import Checkpoints
 from transferpipe.data import per_class_indices
 from transferpipe.evaluation import classification_metrics
@@ -17,7 +17,7 @@ from transferpipe.inference import MODEL_INPUTS, collator_for, document_logits, 
 from transferpipe.modeling import freeze, gradual_unfreezing, param_groups
 from transferpipe.params import FinetuneParams
 from transferpipe.tracking import Run
-from transferpipe.training import EarlyStopping, FitResult, fit, make_optimizer, train_loader
+from transferpipe.training import EarlyStopping, FitResult, fit, make_optimizer, train_loader, use_bf16
 
 
 def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, seed: int) -> datasets.Dataset:
@@ -97,3 +97,15 @@ def finetune(
         precision=params.precision,
         checkpoints=checkpoints,
     )
+
+
+def utilization(
+    model: PreTrainedModel, params: FinetuneParams, max_length: int, tokens_per_second: float, device: torch.device
+) -> dict[str, float]:
+    """Model GFLOP/s of fine-tuning and the utilization they give (transferpipe.flops): the encoder's products
+    at windows of `max_length` tokens (most first windows are full), counted as if every layer trains (freezing
+    saves weight gradients the count still includes); the head, once per document, is left out."""
+    per_token = flops.training_flops_per_token(model.config, max_length, 0.0)
+    batch_tokens = distributed.local_batch_size(params.batch_size, "finetune.batch_size") * max_length
+    bf16 = use_bf16(params.precision, device)
+    return flops.utilization(device, tokens_per_second, per_token, model.config, batch_tokens, bf16)

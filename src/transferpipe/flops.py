@@ -1,4 +1,5 @@
-"""FLOPs per token of a pretraining step of our encoders, and the utilization they give on a GPU.
+"""FLOPs per token of a training step of our encoders, and the utilization they give: on a GPU against its
+datasheet bf16 peak, on a CPU against the measured throughput of the step's own matrix products.
 
 Only matrix products are counted, at 2 FLOPs per multiply-add; norms, activations, softmax, rotary
 embeddings, the loss and the optimizer are left out (a few percent at our sizes), and embedding lookups cost
@@ -18,6 +19,11 @@ Forward FLOPs per token of one layer of width h, intermediate size i:
 - the output head: the MLM head's dense h x h and decoder h x vocab (the LSTM: its h x vocab projection),
   2 x (h² + h x vocab), at predicted_fraction of the tokens.
 
+A CPU has no datasheet peak that its kernels reach, so its ceiling is measured (matmul_ceiling): the products of
+every linear layer of the encoder at the step's batch, forward and both gradients, in the training precision,
+at the end of the stage. The fraction of it a stage reaches says how much of the
+step is matrix products at their best speed: the rest is attention, norms, the optimizer and overhead.
+
 Model FLOPs (training_flops_per_token) are the useful work: windowed attention at its window, the head on
 the predicted positions only (the masked ones, mlm_probability of the tokens). Hardware FLOPs
 (hardware_flops_per_token) are what the kernels compute: SDPA, eager attention and modeling's padding_safe
@@ -29,9 +35,14 @@ HFU hardware FLOPs per second (PaLM, Chowdhery et al. 2022, appendix B).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from transformers import PretrainedConfig
+
+from transferpipe import distributed
 
 # Dense (no sparsity) bf16 tensor-core peaks by the vendor's datasheets, in FLOP/s. Keys are matched against
 # torch.cuda.get_device_name() ("NVIDIA H200", "NVIDIA H100 80GB HBM3"), longest first, so "H100 PCIe" wins
@@ -153,8 +164,6 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
 def peak_bf16(device_name: str | None = None) -> float | None:
     """The dense bf16 peak of a GPU by its name (default: CUDA device 0's), None when unknown or no GPU."""
     if device_name is None:
-        import torch
-
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
@@ -162,3 +171,99 @@ def peak_bf16(device_name: str | None = None) -> float | None:
         if key in device_name:
             return PEAK_BF16[key]
     return None
+
+
+# The ceiling is timed at no more rows than this: products this tall already run at their full rate, and the
+# measurement stays near a second on a 2-core CPU.
+MEASURED_ROWS = 1024
+
+
+def linear_shapes(config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer of the encoder's blocks (the products forward_flops counts as `linear`)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    if config.model_type == "transferpipe_lstm":
+        return [(h, 4 * h), (h, 4 * h)] * layers  # weight_ih, weight_hh
+    i = config.intermediate_size
+    if config.model_type == "modernbert":
+        return [(h, 3 * h), (h, h), (h, 2 * i), (i, h)] * layers  # Wqkv, Wo, Wi (GeGLU), mlp.Wo
+    if config.model_type == "bert":
+        return [(h, h)] * 4 * layers + [(h, i), (i, h)] * layers
+    raise ValueError(f"no FLOPs count for model_type {config.model_type!r}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def matmul_seconds(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype, budget: float = 1.0) -> float:
+    """Best time of the products of one training step (y = x Wᵀ, dx = dy W, dW = dyᵀ x for every layer) at
+    `tokens` rows, over repeats within `budget` seconds (at least 2, after one warm-up)."""
+    pairs = [(torch.randn(tokens, i, dtype=dtype), torch.randn(o, i, dtype=dtype)) for i, o in shapes]
+    grads = [torch.randn(tokens, o, dtype=dtype) for _, o in shapes]
+
+    def one_step() -> float:
+        start = time.perf_counter()
+        for (x, w), dy in zip(pairs, grads, strict=True):
+            torch.mm(x, w.t())
+            torch.mm(dy, w)
+            torch.mm(dy.t(), x)
+        return time.perf_counter() - start
+
+    one_step()  # warm up the kernels
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 2 or (spent < budget and runs < 20):
+        took = one_step()
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best
+
+
+def matmul_ceiling(config: PretrainedConfig, tokens: int, bf16: bool) -> float:
+    """FLOP/s of this CPU's matrix products in the shapes of a training step of `config` at `tokens` rows per
+    process (at most MEASURED_ROWS), in bf16 or fp32, measured now: under a second or two on a 2-core CPU, and
+    under the same load as the run it is set against (a cached figure would keep a busy moment's ceiling)."""
+    shapes = linear_shapes(config)
+    rows = min(tokens, MEASURED_ROWS)
+    seconds = matmul_seconds(shapes, rows, torch.bfloat16 if bf16 else torch.float32)
+    return 3 * 2 * rows * sum(i * o for i, o in shapes) / seconds
+
+
+def significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def utilization(
+    device: torch.device,
+    tokens_per_second: float,
+    flops_per_token: float,
+    config: PretrainedConfig,
+    batch_tokens: int,
+    bf16: bool,
+    hardware_flops_per_token: float | None = None,
+) -> dict[str, float]:
+    """The utilization rows of a training stage: model GFLOP/s per process, and on a GPU of known peak MFU (and
+    HFU given hardware FLOPs), on a CPU the fraction of matmul_ceiling() at the process's batch of
+    `batch_tokens` tokens. `tokens_per_second` counts every process; empty on other devices."""
+    per_process = tokens_per_second / distributed.world_size()
+    rows = {"model_gflops_per_second": significant(per_process * flops_per_token / 1e9)}
+    if device.type == "cuda":
+        peak = peak_bf16()
+        if peak is None:
+            return rows
+        rows["mfu"] = mfu(per_process, flops_per_token, peak)
+        if hardware_flops_per_token is not None:
+            rows["hfu"] = mfu(per_process, hardware_flops_per_token, peak)
+        return rows
+    if device.type != "cpu":
+        return rows
+    ceiling = matmul_ceiling(config, batch_tokens, bf16)
+    rows["matmul_ceiling_gflops_per_second"] = significant(ceiling / 1e9)
+    rows["matmul_ceiling_fraction"] = significant(per_process * flops_per_token / ceiling)
+    return rows

@@ -33,7 +33,7 @@ from transferpipe.errors import UserError
 from transferpipe.modeling import is_causal_lm, no_weight_decay, padding_safe, param_groups
 from transferpipe.params import PretrainParams
 from transferpipe.tracking import Run
-from transferpipe.training import FitResult, fit, make_optimizer, train_loader
+from transferpipe.training import FitResult, fit, make_optimizer, train_loader, use_bf16
 
 
 class MaskedLM(nn.Module):
@@ -256,15 +256,12 @@ def optimizer_groups(lm: nn.Module, model: PreTrainedModel, params: PretrainPara
 
 
 def utilization(
-    model: PreTrainedModel, params: PretrainParams, block_size: int, tokens_per_second: float
+    model: PreTrainedModel, params: PretrainParams, block_size: int, tokens_per_second: float, device: torch.device
 ) -> dict[str, float]:
-    """Model and hardware FLOPs utilization (MFU, HFU; transferpipe.flops) of pretraining at
-    `tokens_per_second`, on a GPU whose bf16 peak is known; empty elsewhere. The head runs on the predicted
+    """Model GFLOP/s and the utilization they give (transferpipe.flops): MFU and HFU on a GPU whose bf16 peak
+    is known, the fraction of the measured matrix-product ceiling on a CPU. The head runs on the predicted
     positions only (MaskedLM gathers them), so it counts there in both. ELECTRA counts its generator (the head
     on the masked positions) and the encoder with its one-logit head at every position."""
-    peak = flops.peak_bf16()
-    if peak is None:
-        return {}
     if is_causal_lm(model):
         parts = [(model.config, 1 - 1 / block_size)]
     else:
@@ -276,7 +273,9 @@ def utilization(
         judge = 3 * 2 * (width * width + width)  # the discriminator head's two products, trained
     useful = judge + sum(flops.training_flops_per_token(c, block_size, p) for c, p in parts)
     executed = judge + sum(flops.hardware_flops_per_token(c, block_size, p, head_fraction=p) for c, p in parts)
-    return {"mfu": flops.mfu(tokens_per_second, useful, peak), "hfu": flops.mfu(tokens_per_second, executed, peak)}
+    batch_tokens = distributed.local_batch_size(params.batch_size, "pretrain.batch_size") * block_size
+    bf16 = use_bf16(params.precision, device)
+    return flops.utilization(device, tokens_per_second, useful, model.config, batch_tokens, bf16, executed)
 
 
 def held_out(blocks: datasets.DatasetDict, params: PretrainParams) -> datasets.Dataset:
