@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped_steps": result.skipped_steps,
                 "checkpoint_seconds": round(result.checkpoint_seconds, 2),
                 **used,
+                **result.records,
             },
         }
         if not is_main():

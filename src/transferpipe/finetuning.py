@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from transferpipe import distributed, flops
@@ -27,6 +29,17 @@ def subsample_per_class(train: datasets.Dataset, labels_per_class: int | str, se
     return train.select(per_class_indices(train["labels"], labels_per_class, seed))
 
 
+def loss_weights(labels: list[int], label_names: list[str], mode: str) -> torch.Tensor | None:
+    """Per-class weights of the cross-entropy: None for `none`; for `balanced` n / (classes x count) from
+    `labels` (scikit-learn's compute_class_weight), a class absent from them weighing nothing."""
+    if mode == "none":
+        return None
+    present = np.unique(labels)
+    weights = np.zeros(len(label_names))
+    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def finetune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -42,7 +55,11 @@ def finetune(
     frozen = freeze(model, params.freeze_embeddings, params.freeze_layers)
     collator = collator_for(tokenizer, device)
     train = subsample_per_class(first_windows(splits["train"]), params.labels_per_class, params.seed)
+    weights = loss_weights(train["labels"], label_names, params.class_weights)
+    records = {} if weights is None else {"class_weights": dict(zip(label_names, weights.tolist(), strict=True))}
     run.log_params({"frozen_parameters": frozen, "train_examples": len(train)})
+    run.log_params({f"class_weight.{name}": round(w, 4) for name, w in records.get("class_weights", {}).items()})
+    weights = None if weights is None else weights.to(device)
     train = train.select_columns([c for c in (*MODEL_INPUTS, "labels") if c in train.column_names])
     loader = train_loader(
         train,
@@ -62,7 +79,7 @@ def finetune(
     def compute_loss(model: PreTrainedModel, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits.float()  # (batch, n_labels)
-        return F.cross_entropy(logits, batch["labels"], label_smoothing=params.label_smoothing)
+        return F.cross_entropy(logits, batch["labels"], weight=weights, label_smoothing=params.label_smoothing)
 
     def evaluate() -> dict[str, float]:
         # Each rank predicts its contiguous share; gathered in rank order, every rank scores all of validation.
@@ -77,7 +94,7 @@ def finetune(
     total_steps = max(params.epochs * len(loader), params.min_steps)
     eval_every = max(len(loader), math.ceil(params.min_steps / params.epochs))
     distributed.seed_rank(params.seed)  # each rank its own dropout masks
-    return fit(
+    result = fit(
         model,
         loader,
         optimizer=optimizer,
@@ -97,6 +114,8 @@ def finetune(
         precision=params.precision,
         checkpoints=checkpoints,
     )
+    result.records |= records
+    return result
 
 
 def utilization(

@@ -225,6 +225,9 @@ class FinetuneParams:
     """ULMFiT: the first epoch trains the head alone, each later epoch unfreezes one more block from the top"""
     label_smoothing: float = ranged(0.0, ge=0, lt=1)
     """label smoothing of the cross-entropy"""
+    class_weights: Literal["none", "balanced"] = "none"
+    """`balanced`: each class's loss weighted by n / (classes x its count) in the training labels (scikit-learn's
+    `balanced`), for imbalanced data; `none`: every example counts the same"""
     labels_per_class: int | Literal["all"] = ranged("all", ge=1)
     """train on a stratified, seeded subsample of N labels per class (at most the smallest class), or on all ([label
     efficiency](experiments.md#label-efficiency))"""

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,7 @@ class FitResult:
     stopped_early: bool = False
     skipped_steps: int = 0  # steps whose gradients were not finite: no update was made
     checkpoint_seconds: float = 0.0  # spent writing checkpoints
+    records: dict[str, Any] = field(default_factory=dict)  # what the caller adds for its metrics (class weights)
 
     def write_curves(self, folder: Path) -> None:
         """train.csv (step, loss, learning_rate) and eval.csv (step, epoch, eval metrics): DVC plots."""
