@@ -51,7 +51,7 @@ from transferpipe.params import (
     load_section,
 )
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, log_to_existing_run, promote_champion, split_sha256
+from transferpipe.tracking import Run, check_tracking, log_to_existing_run, promote_champion, split_sha256
 from transferpipe.training import use_bf16
 
 BASELINE = "tfidf_logreg"
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         mirrored = {f"test/{key}": value for key, value in metrics["test"][folder.name].items()} | baseline
         if not log_to_existing_run(run_id, mirrored, tracking):
             continue  # tracking off, or a store without the training run (it said so): no registry to update
+        Run(run_id).log_datasets(args.data, {"test": (test_sha256[:16], len(splits["test"]), "test")})
         verdict = promote_champion(
             training_run.get("model_version"),
             mirrored["test/macro_f1"],

@@ -49,7 +49,15 @@ from transferpipe.params import (
 )
 from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import SEED_GROUP_TAG, check_tracking, lineage_tags, recording, seed_group, start_run
+from transferpipe.tracking import (
+    SEED_GROUP_TAG,
+    check_tracking,
+    lineage_tags,
+    recording,
+    rows_digest,
+    seed_group,
+    start_run,
+)
 from transferpipe.training import FitResult, seed_everything
 
 VARIANTS = ("pretrained", "scratch")  # the encoder pretrain wrote, and the same architecture untrained
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "device": device.type,
             }
         )
+        read = {"train": "training", "validation": "validation"}  # the splits and the MLflow context they are read in
+        run.log_datasets(args.data, {n: (rows_digest(splits[n]), len(splits[n]), c) for n, c in read.items()})
         result = finetune(model, tokenizer, splits, label_names, params, run, device, checkpoints)
         best = result.best
         # Model GFLOP/s against the GPU's bf16 peak or the CPU's measured matrix-product ceiling (transferpipe.flops).

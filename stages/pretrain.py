@@ -44,7 +44,7 @@ from transferpipe.params import (
 )
 from transferpipe.pretraining import evaluate_untrained, pretrain, utilization
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import check_tracking, lineage_tags, lineage_to_tags, recording, start_run
+from transferpipe.tracking import check_tracking, lineage_tags, lineage_to_tags, recording, rows_digest, start_run
 from transferpipe.training import seed_everything
 
 
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "device": device.type,
             }
         )
+        run.log_datasets(args.data, {name: (rows_digest(blocks[name]), len(blocks[name]), context)
+                                     for name, context in (("mlm_train", "training"), ("mlm_validation", "validation"))
+                                     if params.enabled or context == "validation"})  # fmt: skip
         if params.enabled:
             result = pretrain(model, tokenizer, blocks, params, run, device, checkpoints)
         else:

@@ -17,9 +17,10 @@ from transformers import PreTrainedTokenizerFast
 
 from stages import evaluate, finetune, pretrain
 from tests.helpers import dvc_commands, files_in, run_short, tiny_params
+from transferpipe.data import read_prepared
 from transferpipe.errors import UserError
 from transferpipe.sources import sha256_of
-from transferpipe.tracking import split_sha256
+from transferpipe.tracking import rows_digest, split_sha256
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 
@@ -178,6 +179,30 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
         assert run.data.tags["transferpipe.source.sha256"] == source["sha256"] == sha256_of(Path(source["path"]))
         assert "transferpipe.unlabeled_source.sha256" in run.data.tags
     assert "transferpipe.pretrain_run_id" not in scratch.data.tags
+
+    # ... and as MLflow datasets (the run page's Datasets): each split read, its context, rows and digest.
+    def inputs(run: object) -> dict[str, tuple[str, str, str]]:
+        found = {}
+        for dataset_input in run.inputs.dataset_inputs:
+            tags = {t.key: t.value for t in dataset_input.tags}
+            dataset = dataset_input.dataset
+            assert tags["transferpipe.source_sha256"] == source["sha256"] and dataset.source_type == "local"
+            found[dataset.name] = (tags["mlflow.data.context"], tags["transferpipe.rows"], dataset.digest)
+        return found
+
+    tokenized = datasets.load_from_disk(str(pipeline_dir / "data/tokenized"))
+    blocks = datasets.load_from_disk(str(pipeline_dir / "data/blocks"))
+    test = read_prepared(pipeline_dir / "data/prepared")[0]["test"]
+    test_digest = split_sha256(test["text"].tolist(), test["label"].tolist())[:16]
+    name = Path(source["path"]).stem
+
+    def expected(splits: datasets.DatasetDict, train: str, validation: str) -> dict[str, tuple[str, str, str]]:
+        read = {train: "training", validation: "validation"}
+        return {f"{name}/{s}": (c, str(len(splits[s])), rows_digest(splits[s])) for s, c in read.items()}
+
+    assert inputs(pre) == expected(blocks, "mlm_train", "mlm_validation")
+    for run in (fine, scratch):
+        assert inputs(run) == expected(tokenized, "train", "validation") | {f"{name}/test": ("test", "12", test_digest)}
     # Only the pretrained variant is registered; the scratch baseline is logged, not a registry candidate.
     assert json.loads((pipeline_dir / "models/finetuned/pretrained/training_run.json").read_text()) == {
         "mlflow_run_id": fine.info.run_id,

@@ -184,6 +184,34 @@ class Run:
         if not any(m.step >= step for m in history):
             self.log_rows(rows)
 
+    def log_datasets(self, folder: Path, splits: dict[str, tuple[str, int, str]]) -> None:
+        """The splits of `folder` (an output of prepare, tokenize or the pretraining blocks) this run read, as
+        MLflow datasets (mlflow.log_input: the run page's Datasets): {split: (digest, rows, context)}, the
+        context training, validation or test, each with the labeled source it was prepared from (sources.json:
+        its path as the dataset's source, its sha256 as the input's tag transferpipe.source_sha256)."""
+        if not self.run_id:
+            return
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.tracking import MlflowClient
+
+        lineage = json.loads((folder / "sources.json").read_text(encoding="utf-8")).get("source", {})
+        path = lineage.get("path", str(folder))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local file
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(path)
+        inputs = []
+        for split, (digest, rows, context) in splits.items():
+            meta = MetaDataset(source, name=f"{Path(path).stem}/{split}", digest=digest)
+            tags = [InputTag("mlflow.data.context", context), InputTag("transferpipe.rows", str(rows))]
+            if "sha256" in lineage:
+                tags.append(InputTag("transferpipe.source_sha256", lineage["sha256"]))
+            inputs.append(DatasetInput(meta._to_mlflow_entity(), tags))
+        _retry_locked(lambda: MlflowClient().log_inputs(self.run_id, inputs))
+
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         if self.run_id:
             import mlflow
@@ -416,6 +444,17 @@ def seed_group(params_file: Path, variant: str) -> str:
     recipe["finetune"] = {k: v for k, v in (recipe["finetune"] or {}).items() if k != "seed"}
     text = json.dumps({"variant": variant, "params": recipe}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def rows_digest(dataset: Any) -> str:
+    """sha256 (16 hex digits) of a datasets.Dataset's rows as stored (Arrow IPC of its table, indices applied)."""
+    import pyarrow as pa
+
+    table = dataset.flatten_indices().data.table if dataset._indices is not None else dataset.data.table
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 def lineage_tags(folder: Path) -> dict[str, str]:
