@@ -4,6 +4,7 @@ uninterrupted run, the same MLflow run with continuous histories, and no checkpo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -165,12 +166,17 @@ def test_killed_pretraining_resumes_to_the_same_weights_in_the_same_run(
         assert got == expected, key
 
 
-def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path, mlflow_uri: str) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(
+    prepared: Path, mlflow_uri: str, accumulation: int
+) -> None:
     d = prepared
-    # 60 training documents in batches of 8: 8 steps an epoch, so a checkpoint every 20 steps is mid-epoch.
+    # 60 training documents in batches of 8: 8 steps an epoch, so a checkpoint every 20 steps is mid-epoch. With
+    # 2 micro-batches of 4 per step, an epoch is 15 micro-batches: steps cross epochs, checkpoints stay on steps.
     params = tiny_params(
         d, prepare={"source": str(d / "tiny.csv")}, tokenize={"max_length": 16},
-        finetune={"epochs": 6, "checkpoint_every": 20, "early_stopping_patience": 100},
+        finetune={"epochs": 6, "checkpoint_every": 20, "early_stopping_patience": 100,
+                  "gradient_accumulation_steps": accumulation},
     )  # fmt: skip
     pretrain_encoder(d, params)
     env = env_for(mlflow_uri)
@@ -178,7 +184,9 @@ def test_killed_finetuning_resumes_mid_epoch_to_the_same_weights(prepared: Path,
     killed = kill_after_first_checkpoint(stage_command("finetune", params, d, "resumed"), d, env)
     assert killed.returncode == -signal.SIGKILL
     progress = Checkpoints(checkpoint_files(d)[0].parent, None).state["progress"]
-    assert 0 < progress.position < 8, "the checkpoint is not mid-epoch"
+    micro_batches_per_epoch = math.ceil(60 / (8 // accumulation))
+    assert 0 < progress.position < micro_batches_per_epoch, "the checkpoint is not mid-epoch"
+    assert progress.step == 20
     output = run_stage(stage_command("finetune", params, d, "resumed"), d, env)
     assert f"resuming finetune from step {progress.step} of " in output
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from transferpipe.training import (
     make_optimizer,
     seed_everything,
     train_loader,
+    train_step,
     use_bf16,
 )
 
@@ -293,3 +297,53 @@ def test_bf16_on_cpu_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     losses = [row["loss"] for row in result.train_rows]
     assert losses[-1] < losses[0] / 2
+
+
+def test_four_micro_batches_of_8_give_the_update_of_one_batch_of_32() -> None:
+    """Gradient accumulation: the micro-batches' losses weighted by their share of the batch (here an uneven
+    split too) give the whole batch's mean gradient, so the update matches the one batch's to float tolerance."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32)
+    updated = []
+    for sizes in ([32], [8, 8, 8, 8], [5, 11, 16]):
+        torch.manual_seed(1)
+        model = Regressor()
+        optimizer = make_optimizer([{"params": list(model.parameters())}], 0.05, 0.98, torch.device("cpu"))
+        meter = LossMeter(torch.device("cpu"))
+        bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        batches = [{"input_ids": x[a:b], "labels": y[a:b]} for a, b in itertools.pairwise(bounds)]
+        train_step(model, batches, optimizer, meter, max_grad_norm=100.0, bf16=False)
+        updated.append((torch.cat([p.detach().flatten() for p in model.parameters()]), meter.window()))
+    (whole, whole_loss), *accumulated = updated
+    for weights, loss in accumulated:
+        assert torch.allclose(weights, whole, atol=1e-6)
+        assert loss == pytest.approx(whole_loss, rel=1e-5)  # the logged loss is the batch's mean too
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step() -> None:
+    """Under DDP every micro-batch but the last runs in no_sync(): one gradient all-reduce per step."""
+
+    class Counting(Regressor):
+        synced_off = 0
+
+        @contextlib.contextmanager
+        def no_sync(self) -> Iterator[None]:
+            Counting.synced_off += 1
+            yield
+
+    model = Counting()
+    optimizer = make_optimizer([{"params": list(model.parameters())}], 0.05, 0.98, torch.device("cpu"))
+    batches = [{"input_ids": torch.randn(8, 4), "labels": torch.randn(8)} for _ in range(4)]
+    train_step(model, batches, optimizer, LossMeter(torch.device("cpu")), max_grad_norm=1.0, bf16=False)
+    assert Counting.synced_off == 3
+
+
+def test_fit_with_accumulation_takes_optimizer_steps_of_whole_batches() -> None:
+    """8 optimizer steps of 4 micro-batches of 8 read 256 examples: 8 epochs of the 32-row loader; the batch
+    size must split into the micro-batches."""
+    torch.manual_seed(0)
+    result, _ = run_fit(Regressor(), [1.0, 2.0], accumulation=4)
+    assert result.steps == 8 and result.train_rows[-1]["step"] == 8
+    with pytest.raises(UserError, match=r"batch_size=16 must be divisible by finetune.gradient_accumulation_steps=3"):
+        train_loader(list(range(32)), batch_size=16, seed=0, num_workers=0, collate_fn=default_collate,
+                     device=torch.device("cpu"), section="finetune", accumulation=3)  # fmt: skip

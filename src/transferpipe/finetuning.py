@@ -69,6 +69,7 @@ def finetune(
         collate_fn=collator,
         device=device,
         section="finetune",
+        accumulation=params.gradient_accumulation_steps,
     )
     groups = param_groups(
         model, params.encoder_learning_rate, params.head_learning_rate, params.weight_decay, params.layer_lr_decay
@@ -91,8 +92,9 @@ def finetune(
         return {"loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
     # A few labels make a short epoch: repeat it up to min_steps, still validating `epochs` times.
-    total_steps = max(params.epochs * len(loader), params.min_steps)
-    eval_every = max(len(loader), math.ceil(params.min_steps / params.epochs))
+    epoch_steps = math.ceil(len(loader) / params.gradient_accumulation_steps)
+    total_steps = max(params.epochs * epoch_steps, params.min_steps)
+    eval_every = max(epoch_steps, math.ceil(params.min_steps / params.epochs))
     distributed.seed_rank(params.seed)  # each rank its own dropout masks
     result = fit(
         model,
@@ -108,11 +110,12 @@ def finetune(
         stopping=EarlyStopping(params.monitor, params.monitor != "loss", params.early_stopping_patience),
         compute_loss=compute_loss,
         on_epoch=gradual_unfreezing(model) if params.gradual_unfreezing else None,
-        log_every=max(1, min(10, len(loader) // 2)),
+        log_every=max(1, min(10, epoch_steps // 2)),
         desc="finetune",
         torch_compile=params.torch_compile,
         precision=params.precision,
         checkpoints=checkpoints,
+        accumulation=params.gradient_accumulation_steps,
     )
     result.records |= records
     return result

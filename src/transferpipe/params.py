@@ -151,6 +151,9 @@ class PretrainParams:
     """optimizer steps"""
     batch_size: int = ranged(32, ge=1)
     """blocks per step, the global batch over all processes ([gpu.md](gpu.md#multi-gpu-and-multi-node))"""
+    gradient_accumulation_steps: int = ranged(1, ge=1)
+    """micro-batches per optimizer step: `batch_size` stays the batch of one step, computed in this many parts
+    that fit a smaller memory (the loss is the whole batch's mean)"""
     learning_rate: float = ranged(2.0e-3, gt=0)
     """peak learning rate (warmup, then linear decay); 1.0e-3 and 2.0e-3 are compared in
     [LOG.md](LOG.md#2026-11-25-the-cpu-recipe)"""
@@ -202,6 +205,9 @@ class FinetuneParams:
     epochs, validated `epochs` times at even intervals, so 25 examples train as long as a recipe needs"""
     batch_size: int = ranged(16, ge=1)
     """examples per step, the global batch over all processes"""
+    gradient_accumulation_steps: int = ranged(1, ge=1)
+    """micro-batches per optimizer step: `batch_size` stays the batch of one step, computed in this many parts
+    that fit a smaller memory (the loss is the whole batch's mean)"""
     encoder_learning_rate: float = ranged(5.0e-5, gt=0)
     """peak learning rate of the encoder"""
     head_learning_rate: float = ranged(1.0e-3, gt=0)

@@ -344,6 +344,7 @@ def pretrain(
         device=device,
         section="pretrain",
         drop_last=len(train) >= params.batch_size,
+        accumulation=params.gradient_accumulation_steps,
     )
     eval_batches = held_out_batches(validation, lm, params.batch_size * 2, params.seed)
     optimizer = make_optimizer(optimizer_groups(lm, model, params), params.learning_rate, params.adam_beta2, device)
@@ -364,6 +365,7 @@ def pretrain(
         torch_compile=params.torch_compile,
         precision=params.precision,
         checkpoints=checkpoints,
+        accumulation=params.gradient_accumulation_steps,
     )
 
 

@@ -16,6 +16,7 @@ the ranks agree on it at the next logged row). A second signal stops at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -61,14 +62,22 @@ def train_loader(
     device: torch.device,
     section: str,
     drop_last: bool = False,
+    accumulation: int = 1,
 ) -> DataLoader:
-    """This process's training batches: its share of every global batch of `batch_size` (params
-    `section.batch_size`), from a seeded shuffle that fit() renews every epoch (distributed.sampler)."""
+    """This process's training micro-batches: its share of every global batch of `batch_size` (params
+    `section.batch_size`), split into `accumulation` micro-batches (`section.gradient_accumulation_steps`), from
+    a seeded shuffle that fit() renews every epoch (distributed.sampler)."""
     if num_workers < 0:
         raise UserError(f"params {section}.num_workers={num_workers} must be 0 (load in the training process) or more")
+    local = distributed.local_batch_size(batch_size, f"{section}.batch_size")
+    if local % accumulation:
+        raise UserError(
+            f"params {section}.batch_size={batch_size} must be divisible by {section}.gradient_accumulation_steps="
+            f"{accumulation} (x {distributed.world_size()} processes); change either"
+        )
     return DataLoader(
         dataset,
-        batch_size=distributed.local_batch_size(batch_size, f"{section}.batch_size"),
+        batch_size=local // accumulation,
         sampler=distributed.sampler(dataset, seed),
         drop_last=drop_last,
         collate_fn=collate_fn,
@@ -250,7 +259,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def train_step(
     train_model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     meter: LossMeter,
     *,
@@ -258,12 +267,25 @@ def train_step(
     bf16: bool,
     compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> None:
-    """Forward, backward, clipping and an update that is skipped on the device when the gradients are not
-    finite (one NaN or inf would make every weight NaN), as AMP's GradScaler does: no host synchronization.
-    `optimizer` must be make_optimizer()'s fused AdamW, which reads `found_inf`."""
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
-    loss.backward()
+    """One optimizer step over the micro-batches of a global batch: forward and backward of each, clipping, and
+    an update that is skipped on the device when the gradients are not finite (one NaN or inf would make every
+    weight NaN), as AMP's GradScaler does: no host synchronization. `optimizer` must be make_optimizer()'s fused
+    AdamW, which reads `found_inf`.
+
+    Each micro-batch's mean loss is weighted by its share of the global batch's examples, so the gradient is
+    the whole batch's mean (not a mean of micro-batch means: the trap of transformers PR #34191); for our
+    objectives that is also the mean over masked or predicted tokens, whose count per block is fixed. Under DDP
+    the gradients are all-reduced once, on the last micro-batch (no_sync before it)."""
+    total = sum(len(b["input_ids"]) for b in batches)
+    loss = None
+    for i, batch in enumerate(batches):
+        share = len(batch["input_ids"]) / total
+        sync = i == len(batches) - 1 or not hasattr(train_model, "no_sync")
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+                part = train_model(**batch).loss if compute_loss is None else compute_loss(train_model, batch)
+            (part * share if len(batches) > 1 else part).backward()
+        loss = part.detach() * share if loss is None else loss + part.detach() * share
     # The norm is of the gradients as DDP all-reduced them, so every rank skips the same steps.
     finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_grad_norm))
     optimizer.found_inf = (~finite).float()
@@ -400,8 +422,10 @@ def fit(
     torch_compile: bool = False,
     precision: str = "auto",
     checkpoints: Checkpoints | None = None,
+    accumulation: int = 1,
 ) -> FitResult:
-    """Train for total_steps with warmup then linear decay; evaluate every eval_every steps and at the end.
+    """Train for total_steps optimizer steps of `accumulation` micro-batches each (train_step), with warmup then
+    linear decay; evaluate every eval_every steps and at the end.
 
     `stopping` (an EarlyStopping) keeps the best evaluation's weights, restores them at the end and may stop
     early; without it the last evaluation counts. `compute_loss` replaces the model's own loss (it receives
@@ -443,12 +467,14 @@ def fit(
     epoch, step = None, progress.step
     with _Preemption() as preemption:
         for step in range(progress.step + 1, total_steps + 1):
-            last_epoch, (epoch, batch) = epoch, next(batches)
-            if epoch != last_epoch and on_epoch is not None:
-                on_epoch(epoch)
-            progress.count(epoch, batch)  # on the host, before the batch moves
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            train_step(train_model, batch, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16,
+            micro = []
+            for _ in range(accumulation):
+                last_epoch, (epoch, batch) = epoch, next(batches)
+                if epoch != last_epoch and on_epoch is not None:
+                    on_epoch(epoch)
+                progress.count(epoch, batch)  # on the host, before the batch moves
+                micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            train_step(train_model, micro, optimizer, meter, max_grad_norm=max_grad_norm, bf16=bf16,
                        compute_loss=compute_loss)  # fmt: skip
             scheduler.step()
             progress.step = step
