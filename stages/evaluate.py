@@ -151,11 +151,23 @@ def main(argv: list[str] | None = None) -> dict:
             test_sha256=test_sha256,
             labels=label_names,
             run_id=run_id,
+            description=version_description(folder.name, metrics["test"], test_sha256),
         )
         if verdict:
             print(verdict)
     print("evaluate: " + "; ".join(f"{name} test macro-F1 {s['macro_f1']:.4f}" for name, s in metrics["test"].items()))
     return metrics
+
+
+def version_description(model: str, test: dict[str, dict[str, float]], test_sha256: str) -> str:
+    """A registered version's description: its test scores beside the baselines', on which test set."""
+    names = {BASELINE: "TF-IDF + logistic regression", SETFIT: "SetFit"}
+    lines = [f"Test set sha256 {test_sha256[:16]} (evaluate stage):"]
+    for name in [model, *(n for n in (BASELINE, SETFIT) if n in test)]:
+        scores = test[name]
+        label = "this model" if name == model else names[name]
+        lines.append(f"- {label}: macro-F1 {scores['macro_f1']:.4f}, accuracy {scores['accuracy']:.4f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from transferpipe.errors import run_cli
 from transferpipe.finetuning import finetune, utilization
 from transferpipe.inference import first_windows
 from transferpipe.io import atomic_dir, read_json, skipped, write_json, write_skipped
+from transferpipe.model_card import model_card
 from transferpipe.modeling import count_parameters, sequence_classifier
 from transferpipe.params import (
     FinetuneParams,
@@ -142,6 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "training_run.json", {"mlflow_run_id": run.run_id, "model_version": None})
+            base = args.encoder / "checkpoint.json"  # the published checkpoint pretrain started from, if any
+            card = model_card(
+                label_names=label_names, variant=args.variant, params=params, windows=windows,
+                data=read_json(args.data / "sources.json"), base=read_json(base) if base.is_file() else {},
+                validation=metrics["validation"], best_epoch=best["epoch"] + 1, run_id=run.run_id,
+            )  # fmt: skip
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json(args.metrics, metrics)
         result.write_curves(args.plots)
         with recording("finetune", args.out):

@@ -149,3 +149,24 @@ def test_without_the_scratch_baseline_finetune_and_evaluate_skip_it(
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("transferpipe-test").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["finetune-pretrained", "pretrain"]
+
+
+def test_a_pins_name_and_license_reach_the_model_card(checkpoint_package: Path, tmp_path: Path) -> None:
+    """The optional `name` and `license` of a pin go into the lineage (checkpoint.json) and from there into the
+    model card's header as `base_model` and `license`."""
+    import yaml
+
+    from transferpipe.model_card import model_card
+    from transferpipe.params import FinetuneParams, TokenizeParams
+
+    pin = repin(checkpoint_package, tmp_path, name="tiny/ckpt", license="apache-2.0")
+    lineage = checkpoint_lineage(str(pin))
+    assert (lineage["name"], lineage["license"]) == ("tiny/ckpt", "apache-2.0")
+    card = model_card(
+        label_names=["a", "b"], variant="pretrained", params=FinetuneParams(), windows=TokenizeParams(),
+        data={"source": {"path": "data/x.csv", "sha256": "f" * 64}}, base=lineage,
+        validation={"macro_f1": 0.5, "accuracy": 0.5, "loss": 1.0}, best_epoch=1, run_id=None,
+    )  # fmt: skip
+    header = yaml.safe_load(card.split("---\n", 2)[1])
+    assert (header["base_model"], header["license"], header["datasets"]) == ("tiny/ckpt", "apache-2.0", ["data/x.csv"])
+    assert f"weights sha256 `{lineage['sha256']}`" in card

@@ -12,6 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from transformers import PreTrainedTokenizerFast
 
@@ -213,6 +214,11 @@ def test_mlflow_holds_the_runs_linked_with_histories_and_a_pyfunc_model(pipeline
         "model_version": None,
     }
     assert [str(v.version) for v in client.search_model_versions("name = 'transferpipe-test-classifier'")] == ["1"]
+    # evaluate wrote the version's test results beside the baseline's into its description
+    described = client.get_model_version("transferpipe-test-classifier", "1").description
+    scores = json.loads((pipeline_dir / "metrics/evaluate.json").read_text())["test"]
+    assert f"this model: macro-F1 {scores['pretrained']['macro_f1']:.4f}" in described
+    assert f"TF-IDF + logistic regression: macro-F1 {scores['tfidf_logreg']['macro_f1']:.4f}" in described
     assert pre.data.params["pretrain.max_steps"] == "6"
     assert fine.data.params["finetune.head_learning_rate"] == "0.001"
     assert len(client.get_metric_history(pre.info.run_id, "train/loss")) >= 1
@@ -400,3 +406,19 @@ def test_setfit_needs_a_transformer_encoder(tmp_path: Path) -> None:
             ["--params", str(params), "--data", "d", "--models", "m", "--encoder", "e", "--metrics", "x.json",
              "--plots", "p"]
         )  # fmt: skip
+
+
+def test_the_model_folder_has_a_model_card(pipeline_dir: Path) -> None:
+    """README.md in Hugging Face's format: a YAML header, then labels, data lineage, training and validation."""
+    card = (pipeline_dir / "models/finetuned/pretrained/README.md").read_text()
+    _, header, body = card.split("---\n", 2)
+    meta = yaml.safe_load(header)
+    assert meta["pipeline_tag"] == "text-classification" and meta["metrics"] == ["f1", "accuracy"]
+    data = json.loads((pipeline_dir / "metrics/data.json").read_text())["sources"]
+    assert meta["datasets"] == [info["path"] for info in data.values()]
+    assert "base_model" not in meta  # the tiny profile pretrains its own encoder: no published base
+    assert all(f"`{label}`" in body for label in LABELS)
+    assert f"`{data['source']['sha256']}`" in body
+    validation = json.loads((pipeline_dir / "metrics/finetune/pretrained.json").read_text())["validation"]
+    assert f"macro-F1 {validation['macro_f1']:.4f}" in body
+    assert "mean of the windows' logits" in body

