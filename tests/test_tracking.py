@@ -276,3 +276,14 @@ def test_credentials_in_the_uri_never_reach_a_message(monkeypatch: pytest.Monkey
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
     assert "s3cr" not in os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_system_metrics_are_logged_only_when_asked(on: bool, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    params = TrackingParams(experiment_name="transferpipe-test", registered_model_name=None, system_metrics=on)
+    with tracking.start_run("pretrain", params) as run:
+        time.sleep(2.0)
+    keys = set(MlflowClient().get_run(run.run_id).data.metrics)
+    system = {k for k in keys if k.startswith("system/")}
+    assert ("system/cpu_utilization_percentage" in system) if on else not system, keys

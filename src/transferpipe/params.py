@@ -284,6 +284,9 @@ class TrackingParams:
     registered_model_name: str | None = "transferpipe-classifier"
     """finetune registers its model under this name (alias `candidate`); evaluate moves alias `champion` to it when its
     test macro-F1 beats the champion's. `null`: no model registry ([mlflow.md](mlflow.md#the-model-registry))"""
+    system_metrics: bool = False
+    """pretrain and finetune runs also log MLflow's system metrics (CPU, memory, disk, network, GPU: `system/...`,
+    every 10 s); off by default ([mlflow.md](mlflow.md#system-metrics))"""
 
 
 @dataclass(frozen=True)

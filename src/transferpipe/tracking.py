@@ -524,7 +524,7 @@ def start_run(
     # rather than left RUNNING. Training itself (transferpipe.training.fit) first finishes its step and checkpoints.
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
     try:
-        run_id = _start_or_resume(run_name, all_tags, resume)
+        run_id = _start_or_resume(run_name, all_tags, resume, params.system_metrics)
         status = "FAILED"
         try:
             yield Run(run_id)
@@ -566,13 +566,13 @@ def recording(stage: str, outputs: Path) -> Iterator[None]:
         ) from None
 
 
-def _start_or_resume(run_name: str, tags: dict[str, str], resume: str | None) -> str:
+def _start_or_resume(run_name: str, tags: dict[str, str], resume: str | None, system_metrics: bool = False) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if resume:
         try:
-            run = _retry_locked(lambda: mlflow.start_run(run_id=resume))
+            run = _retry_locked(lambda: mlflow.start_run(run_id=resume, log_system_metrics=system_metrics))
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -580,7 +580,8 @@ def _start_or_resume(run_name: str, tags: dict[str, str], resume: str | None) ->
         else:
             _retry_locked(lambda: mlflow.set_tags(tags))  # this process writes it now
             return run.info.run_id
-    return _retry_locked(lambda: mlflow.start_run(run_name=run_name, tags=tags)).info.run_id
+    start = lambda: mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)  # noqa: E731
+    return _retry_locked(start).info.run_id
 
 
 def _first_line(exc: BaseException) -> str:
