@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -201,3 +202,14 @@ def make_checkpoint_package(site: Path, tokenizer, name: str = "tiny-ckpt", vers
         f"package: {name}\nversion: {version}\nfolder: {module}/model\nweights: model.safetensors\nsha256: {digest}\n"
     )
     return pin
+
+
+def sh(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run a command (git, dvc, a stage) and capture its output; with `check`, fail the test with its last output
+    unless it exits 0."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc

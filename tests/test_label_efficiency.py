@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, sh
 from transferpipe.errors import UserError
 from transferpipe.label_efficiency import Experiment, experiments_from_show, plot, summarize, to_markdown
 
@@ -28,12 +28,6 @@ test = {"pretrained": {"macro_f1": f1, "accuracy": f1}, "scratch": {"macro_f1": 
         "tfidf_logreg": {"macro_f1": 0.9, "accuracy": 0.9}}
 json.dump({"test": test}, open("metrics/evaluate.json", "w"))
 """
-
-
-def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert not check or proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +127,8 @@ def test_rev_reads_the_sweeps_of_other_branches(repo: tuple[Path, dict[str, str]
     assert proc.returncode == 0, proc.stderr
     assert "3 finished experiment(s)." in (root / "reports/other/label_efficiency.md").read_text()
     proc = label_efficiency(root, env, "--out", "reports/nowhere", "--rev", "no-such-branch")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: `dvc exp show --json` failed")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: dvc exp show --json --hide-queued --rev no-such-branch failed")
     assert not (root / "reports/nowhere").exists()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, TINY_PARAMS, clean_env, committed_tiny_repo
+from tests.helpers import REPO, TINY_PARAMS, clean_env, committed_tiny_repo, sh
 from transferpipe.report import RUN_FILES
 
 pytestmark = pytest.mark.slow
@@ -24,13 +24,6 @@ WORKFLOW = REPO / ".github/workflows/pull-request.yml"
 UNKNOWN = "are not in the DVC cache, so its MLflow run ids are unknown"
 # The only GitHub expression the steps run here use, as a pull request into main sets it.
 GITHUB_CONTEXT = {"${{ github.base_ref }}": "main"}
-
-
-def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def dvc(*args: str) -> list[str]:

@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, sh
 from transferpipe.report import Side, freshness_line, sweeps_section, verdicts_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -22,13 +22,6 @@ NEW_PRETRAIN_RUN = "a" * 32
 NEW_FINETUNE_RUN = "b" * 32
 EDITED_PRETRAIN_RUN = "c" * 32
 SCRATCH_RUN = "d" * 32
-
-
-def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc
 
 
 def write_state(root: Path, epochs: int, macro_f1: float, steps: int, extra_metric: bool) -> None:

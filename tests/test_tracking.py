@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import REPO, TOPICS
-from transferpipe import tracking
+from transferpipe import tracking, vcs
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
 from transferpipe.serving import TextClassifier
@@ -29,7 +29,7 @@ TOPICS_SET = set(TOPICS)
 
 def test_repo_root_is_lifted_out_of_dvc_temp_experiment_copies(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"))
-    assert tracking.repo_root() == tmp_path.resolve()
+    assert vcs.repo_root() == tmp_path.resolve()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 

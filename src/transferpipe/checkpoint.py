@@ -37,7 +37,7 @@ from transferpipe import distributed
 from transferpipe.distributed import mps_available
 from transferpipe.errors import UserError, disk_full
 from transferpipe.io import megabytes, no_space
-from transferpipe.tracking import repo_root
+from transferpipe.vcs import repo_root
 
 CHECKPOINT_DIR = Path(".checkpoints")
 DIR_ENV = "TRANSFERPIPE_CHECKPOINT_DIR"  # another folder for them: a faster disk, or one every node shares

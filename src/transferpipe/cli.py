@@ -97,9 +97,10 @@ def _labels_per_class(value: str) -> int | str:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from transferpipe.report import build_report, repo_root_of
+    from transferpipe.report import build_report
+    from transferpipe.vcs import git_toplevel
 
-    root = repo_root_of(Path.cwd())
+    root = git_toplevel(Path.cwd())
     images_dir = args.images_dir if args.images_dir.is_absolute() else args.out.parent / args.images_dir
     out = build_report(root, args.base, args.out, images_dir, section=args.section)
     print(f"wrote {out} and figures in {images_dir}")
@@ -115,9 +116,9 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _label_efficiency(args: argparse.Namespace) -> None:
     from transferpipe.label_efficiency import label_efficiency
-    from transferpipe.report import repo_root_of
+    from transferpipe.vcs import git_toplevel
 
-    print(label_efficiency(repo_root_of(Path.cwd()), args.out, args.only, args.by, args.rev))
+    print(label_efficiency(git_toplevel(Path.cwd()), args.out, args.only, args.by, args.rev))
 
 
 def _probe(args: argparse.Namespace) -> None:

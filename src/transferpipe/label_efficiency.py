@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import pandas as pd
 
 from transferpipe.errors import UserError
 from transferpipe.io import write_text_atomic
+from transferpipe.vcs import dvc
 
 PARAMS_FILE = "params.yaml"
 METRICS_FILE = "metrics/evaluate.json"
@@ -85,16 +84,7 @@ def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
 
 def show_experiments(root: Path, rev: str = "HEAD") -> list[dict]:
     """`dvc exp show --json` of the experiments whose baseline is the commit `rev`."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "show", "--json", "--hide-queued", "--rev", rev],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise UserError(f"`dvc exp show --json` failed in {root}: {reason}")
-    return json.loads(proc.stdout)
+    return json.loads(dvc(root, "exp", "show", "--json", "--hide-queued", "--rev", rev))
 
 
 def _order(labels_per_class: Any) -> tuple[int, float]:

@@ -23,8 +23,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from transferpipe.errors import UserError
 from transferpipe.evaluation import confusion
 from transferpipe.io import SKIPPED, write_text_atomic
 from transferpipe.significance import PairedDelta, paired_bootstrap
+from transferpipe.vcs import dvc, git
 
 PARAMS_FILE = "params.yaml"
 METRICS_DIR = "metrics"
@@ -93,8 +92,8 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path, section: st
     the report is a section of that title, its own headings one level down (to append to another report)."""
     root = Path(root)
     base_sha = resolve_revision(root, base)
-    head_sha = _git(root, "rev-parse", "--short", "HEAD").strip()
-    dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no").strip())
+    head_sha = git(root, "rev-parse", "--short", "HEAD").strip()
+    dirty = bool(git(root, "status", "--porcelain", "--untracked-files=no").strip())
     old = Side(
         f"base {base} ({base_sha[:7]})", lambda p: _git_show(root, base_sha, p), lambda d: _git_ls(root, base_sha, d)
     )
@@ -124,18 +123,10 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path, section: st
     return out
 
 
-def repo_root_of(path: Path) -> Path:
-    """The top folder of the git clone that holds `path`."""
-    try:
-        return Path(_git(Path(path), "rev-parse", "--show-toplevel").strip())
-    except UserError:
-        raise UserError(f"{path} is not inside a git repository; run transferpipe report in a clone") from None
-
-
 def resolve_revision(root: Path, rev: str) -> str:
     """The full commit id of `rev`, or a UserError naming the fix."""
     try:
-        return _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+        return git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
     except UserError:
         raise UserError(
             f"base revision {rev!r} not found in this clone; fetch it (git fetch origin main) or pass another --base"
@@ -150,7 +141,7 @@ def freshness_line(root: Path) -> str:
     code, params, command or upstream outputs changed since they were run (their committed results are stale),
     or that every stage's inputs in git are the ones it ran with. Outputs missing here (no DVC cache or remote,
     as in a fresh clone) cannot be checked, which the line says."""
-    status = json.loads(_dvc(root, "status", "--json").strip() or "{}")
+    status = json.loads(dvc(root, "status", "--json").strip() or "{}")
     outputs = _lock_outputs(root)
     stale, unverified = {}, set()
     for stage, entries in status.items():
@@ -307,22 +298,9 @@ def _delta_text(d: PairedDelta) -> str:
 
 def _dvc_diff_section(root: Path, kind: str, base: str, title: str, nothing: str) -> list[str]:
     """`dvc params diff` or `dvc metrics diff` of the working tree against `base`, as DVC's Markdown table."""
-    table = _dvc(root, kind, "diff", base, "--md").strip()
+    table = dvc(root, kind, "diff", base, "--md").strip()
     rows = [line for line in table.splitlines() if line.startswith("|")][2:]  # under the header and the rule
     return [f"## {title}", "", table if rows else nothing, ""]
-
-
-def _dvc(root: Path, *args: str) -> str:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, timeout=300
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise UserError(f"dvc {' '.join(args)} failed ({exc})") from None
-    if proc.returncode != 0:
-        message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"dvc {' '.join(args)} failed: {message}")
-    return proc.stdout
 
 
 def _load_json(text: str | None, path: str) -> Any:
@@ -481,26 +459,15 @@ def _confusion_figure(path: Path, model: str, json_path: str, *sides: Side) -> N
 # --- git and file access -----------------------------------------------------------------------------------
 
 
-def _git(root: Path, *args: str) -> str:
-    try:
-        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise UserError(f"git {args[0]} failed ({exc}); is git installed?") from None
-    if proc.returncode != 0:
-        message = (proc.stderr.strip().splitlines() or ["no output"])[0]
-        raise UserError(f"git {' '.join(args)} failed: {message}")
-    return proc.stdout
-
-
 def _git_show(root: Path, rev: str, path: str) -> str | None:
     try:
-        return _git(root, "show", f"{rev}:{path}")
+        return git(root, "show", f"{rev}:{path}")
     except UserError:
         return None  # the file does not exist at that revision
 
 
 def _git_ls(root: Path, rev: str, folder: str) -> list[str]:
-    return [p for p in _git(root, "ls-tree", "-r", "--name-only", rev, "--", folder).splitlines() if p]
+    return [p for p in git(root, "ls-tree", "-r", "--name-only", rev, "--", folder).splitlines() if p]
 
 
 def _read_file(root: Path, path: str) -> str | None:

@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -38,6 +37,7 @@ import filelock
 
 from transferpipe.errors import STOP_SIGNALS, Interrupted, UserError
 from transferpipe.params import TrackingParams
+from transferpipe.vcs import git_commit, repo_root
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -59,14 +59,6 @@ TRAINING_HTTP_BOUNDS = {
 T = TypeVar("T")
 
 
-def repo_root() -> Path:
-    """DVC_ROOT (set by DVC for stage commands) or the working directory, lifted out of .dvc/tmp copies."""
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    if ".dvc" in root.parts:
-        root = Path(*root.parts[: root.parts.index(".dvc")])
-    return root
-
-
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the SQLite store at the repository root. Credentials written into an http(s)
     URI (`https://user:password@host`) move to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which
@@ -85,16 +77,6 @@ def tracking_uri() -> str:
     plain = urllib.parse.urlunsplit(parts._replace(netloc=host))
     os.environ["MLFLOW_TRACKING_URI"] = plain  # what MLflow itself reads holds no password either
     return plain
-
-
-def git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 @contextlib.contextmanager
