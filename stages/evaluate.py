@@ -50,8 +50,9 @@ from transferpipe.params import (
     check_params_file,
     load_section,
 )
+from transferpipe.registry import promote_champion, split_sha256
 from transferpipe.tokenization import load_tokenizer
-from transferpipe.tracking import Run, check_tracking, log_to_existing_run, promote_champion, split_sha256
+from transferpipe.tracking import Run, check_tracking, log_to_existing_run
 from transferpipe.training import use_bf16
 
 BASELINE = "tfidf_logreg"

@@ -17,15 +17,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import tiny_params
-from transferpipe import tracking
+from transferpipe import registry, tracking
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
 
 MODEL = "unit-model"
 PARAMS = TrackingParams(enabled=True, experiment_name="unit", registered_model_name=MODEL)
 LABELS = ["business", "sport", "tech"]
-SHA = tracking.split_sha256(["bank shares", "match goal", "phone chip"], [0, 1, 2])
-OTHER_SHA = tracking.split_sha256(["bank shares", "match goal"], [0, 1])
+SHA = registry.split_sha256(["bank shares", "match goal", "phone chip"], [0, 1, 2])
+OTHER_SHA = registry.split_sha256(["bank shares", "match goal"], [0, 1])
 
 
 @pytest.fixture
@@ -57,18 +57,18 @@ def champion(name: str = MODEL) -> str | None:
 
 
 def promote(version: str, score: float, sha: str = SHA, labels: list[str] = LABELS, **kw: str) -> str | None:
-    return tracking.promote_champion(version, score, PARAMS, test_sha256=sha, labels=labels, **kw)
+    return registry.promote_champion(version, score, PARAMS, test_sha256=sha, labels=labels, **kw)
 
 
 def test_split_sha256_is_the_documented_digest_of_texts_and_labels_in_any_order() -> None:
     texts, labels = ["Bank shares rose.", 'A "quoted" café\nline'], [0, 3]
     rows = sorted(json.dumps([t, y], ensure_ascii=False) for t, y in zip(texts, labels, strict=True))
-    assert tracking.split_sha256(texts, labels) == hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
-    assert tracking.split_sha256(texts[::-1], labels[::-1]) == tracking.split_sha256(texts, labels)
-    assert tracking.split_sha256(texts, [0, 2]) != tracking.split_sha256(texts, labels)  # one label changed
-    assert tracking.split_sha256([texts[0], texts[1] + " "], labels) != tracking.split_sha256(texts, labels)
+    assert registry.split_sha256(texts, labels) == hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+    assert registry.split_sha256(texts[::-1], labels[::-1]) == registry.split_sha256(texts, labels)
+    assert registry.split_sha256(texts, [0, 2]) != registry.split_sha256(texts, labels)  # one label changed
+    assert registry.split_sha256([texts[0], texts[1] + " "], labels) != registry.split_sha256(texts, labels)
     # A text cannot run into its label or the next row: ["a 1", 2] is not ["a", 12].
-    assert tracking.split_sha256(["a 1"], [2]) != tracking.split_sha256(["a"], [12])
+    assert registry.split_sha256(["a 1"], [2]) != registry.split_sha256(["a"], [12])
 
 
 def test_champion_moves_only_to_a_higher_score_and_each_version_carries_its_test_set(

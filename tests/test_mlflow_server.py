@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from stages import evaluate, finetune, prepare, pretrain, tokenize
 from tests.helpers import REPO, make_corpus, tiny_params, wait_for_http
-from transferpipe import tracking
+from transferpipe import registry, tracking
 from transferpipe.data import read_prepared
 from transferpipe.params import TrackingParams
 
@@ -201,21 +201,21 @@ def test_champion_moves_only_to_a_better_candidate(
 
     # evaluate tagged version 1 with the test set it scored it on, and its score there.
     splits, labels, _ = read_prepared(d / "data/prepared")
-    test_sha256 = tracking.split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
+    test_sha256 = registry.split_sha256(splits["test"]["text"].tolist(), splits["test"]["label"].tolist())
     tags = client.get_model_version(MODEL, "1").tags
-    assert tags[tracking.TEST_SHA256_TAG] == test_sha256 and json.loads(tags[tracking.LABELS_TAG]) == labels
+    assert tags[registry.TEST_SHA256_TAG] == test_sha256 and json.loads(tags[registry.LABELS_TAG]) == labels
     evaluated = json.loads((d / "metrics/evaluate.json").read_text())["test"]["ft"]["macro_f1"]
-    assert float(tags[tracking.SCORE_TAG]) == evaluated
+    assert float(tags[registry.SCORE_TAG]) == evaluated
 
     # Whatever version 2 scores, a champion at an impossible macro-F1 of 2.0 beats it.
-    client.set_model_version_tag(MODEL, "1", tracking.SCORE_TAG, "2.0")
+    client.set_model_version_tag(MODEL, "1", registry.SCORE_TAG, "2.0")
     capsys.readouterr()
     evaluate.main(stage_args(d, params, "evaluate", tag="2"))
     assert "champion stays version 1" in capsys.readouterr().out
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
 
     # And a champion below any possible score loses to it.
-    client.set_model_version_tag(MODEL, "1", tracking.SCORE_TAG, "-1.0")
+    client.set_model_version_tag(MODEL, "1", registry.SCORE_TAG, "-1.0")
     evaluate.main(stage_args(d, params, "evaluate", tag="2"))
     assert "champion is now version 2" in capsys.readouterr().out
     assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
@@ -235,9 +235,9 @@ def test_champion_moves_only_to_a_better_candidate(
     out = capsys.readouterr().out
     assert f"{MODEL} champion stays version 2: it was scored on another test set" in out
     assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
-    new_sha256 = tracking.split_sha256(test["text"].tolist(), test["label"].tolist())
+    new_sha256 = registry.split_sha256(test["text"].tolist(), test["label"].tolist())
     assert new_sha256 != test_sha256
-    assert client.get_model_version(MODEL, "1").tags[tracking.TEST_SHA256_TAG] == new_sha256
+    assert client.get_model_version(MODEL, "1").tags[registry.TEST_SHA256_TAG] == new_sha256
 
 
 def test_unreachable_server_stops_a_stage_in_seconds_with_one_line(
@@ -298,7 +298,7 @@ RACER = """
 import json, sys
 import mlflow.tracking  # imported before "ready", so that both racers start their jobs together
 from transferpipe.params import TrackingParams
-from transferpipe.tracking import promote_champion
+from transferpipe.registry import promote_champion
 print("ready", flush=True)
 for line in iter(sys.stdin.readline, ""):
     job = json.loads(line)
@@ -312,7 +312,7 @@ def test_two_evaluates_at_once_leave_champion_on_the_better_version(
 ) -> None:
     uri, _ = server
     labels = sorted(LABELS)
-    sha = tracking.split_sha256(["bank shares", "film music"], [0, 1])
+    sha = registry.split_sha256(["bank shares", "film music"], [0, 1])
     experiment_id = client.create_experiment("race")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     racers = [
@@ -336,9 +336,9 @@ def test_two_evaluates_at_once_leave_champion_on_the_better_version(
                 jobs.append({"name": name, "version": str(version), "run_id": run_id})
             earlier, *pair = jobs
             if round_ % 4 < 2:  # half the rounds start from a champion that both racers beat, half from none
-                for key, value in ((tracking.TEST_SHA256_TAG, sha), (tracking.LABELS_TAG, json.dumps(labels))):
+                for key, value in ((registry.TEST_SHA256_TAG, sha), (registry.LABELS_TAG, json.dumps(labels))):
                     client.set_model_version_tag(name, earlier["version"], key, value)
-                client.set_model_version_tag(name, earlier["version"], tracking.SCORE_TAG, "0.1")
+                client.set_model_version_tag(name, earlier["version"], registry.SCORE_TAG, "0.1")
                 client.set_registered_model_alias(name, "champion", earlier["version"])
             # The better version goes to either racer in turn.
             scores = (0.9, 0.5) if round_ % 2 else (0.5, 0.9)

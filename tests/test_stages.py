@@ -20,8 +20,9 @@ from stages import evaluate, finetune, pretrain
 from tests.helpers import dvc_commands, files_in, run_short, tiny_params
 from transferpipe.data import read_prepared
 from transferpipe.errors import UserError
+from transferpipe.registry import split_sha256
 from transferpipe.sources import sha256_of
-from transferpipe.tracking import rows_digest, split_sha256
+from transferpipe.tracking import rows_digest
 
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import REPO, TOPICS
-from transferpipe import tracking, vcs
+from transferpipe import registry, tracking, vcs
 from transferpipe.errors import UserError
 from transferpipe.params import TrackingParams
 from transferpipe.serving import TextClassifier
@@ -256,9 +256,9 @@ def test_logged_classifier_is_registered_with_alias_candidate_only_when_named(
 def test_no_registry_without_a_name_or_a_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
     scored_on = {"test_sha256": "0" * 64, "labels": ["a", "b"]}
-    assert tracking.promote_champion("1", 0.9, TrackingParams(True, "unit", None), **scored_on) is None
-    assert tracking.promote_champion(None, 0.9, TrackingParams(True, "unit", "m"), **scored_on) is None
-    assert tracking.promote_champion("1", 0.9, TrackingParams(False, "unit", "m"), **scored_on) is None
+    assert registry.promote_champion("1", 0.9, TrackingParams(True, "unit", None), **scored_on) is None
+    assert registry.promote_champion(None, 0.9, TrackingParams(True, "unit", "m"), **scored_on) is None
+    assert registry.promote_champion("1", 0.9, TrackingParams(False, "unit", "m"), **scored_on) is None
     assert not (tmp_path / "never.db").exists()
 
 
