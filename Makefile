@@ -33,7 +33,8 @@ format:
 	$(PYTHON) -m ruff check --fix src stages tests bench
 	$(PYTHON) -m ruff format src stages tests bench
 
-# Speed against reference paths, printed side by side (not timed tests). noop_repro needs an up-to-date pipeline.
+# Speed against reference paths, printed side by side (not timed tests), with the CPU's matmul-ceiling fraction.
+# noop_repro and finetune_profile need an up-to-date pipeline.
 bench:
 	$(PYTHON) -m bench.tokenize_throughput
 	$(PYTHON) -m bench.tokenize_memory
@@ -42,6 +43,7 @@ bench:
 	$(PYTHON) -m bench.finetune_throughput --torch-compile --repeat 2
 	$(PYTHON) -m bench.finetune_ceiling
 	$(PYTHON) -m bench.noop_repro
+	$(PYTHON) -m bench.finetune_profile
 
 plots:
 	$(PYTHON) -m dvc plots show --open
