@@ -42,14 +42,7 @@ from transferpipe.evaluation import (
 from transferpipe.inference import predict_texts
 from transferpipe.io import atomic_dir, read_json, skipped, write_json
 from transferpipe.modeling import load_classifier
-from transferpipe.params import (
-    EvaluateParams,
-    FinetuneParams,
-    TokenizeParams,
-    TrackingParams,
-    check_params_file,
-    load_section,
-)
+from transferpipe.params import load_params
 from transferpipe.registry import promote_champion, split_sha256
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import Run, check_tracking, log_to_existing_run
@@ -72,11 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(names)) < len(names) or {BASELINE, SETFIT} & set(names):
         raise UserError(f"--models folders need distinct names other than {BASELINE!r} and {SETFIT!r}: got {names}")
 
-    check_params_file(args.params)  # every section, before any model is scored
-    params = load_section(args.params, "evaluate", EvaluateParams)
-    tracking = load_section(args.params, "tracking", TrackingParams)
-    selection = load_section(args.params, "finetune", FinetuneParams)  # only labels_per_class and seed
-    windowing = load_section(args.params, "tokenize", TokenizeParams)  # only max_length and max_windows
+    every = load_params(args.params)  # every section checked, before any model is scored
+    params, tracking = every.evaluate, every.tracking
+    selection = every.finetune  # only labels_per_class and seed
+    windowing = every.tokenize  # only max_length and max_windows
     check_tracking(tracking)
     if params.setfit and args.encoder is None:
         raise UserError("params evaluate.setfit: true needs --encoder, the pretrained encoder SetFit starts from")

@@ -40,14 +40,7 @@ from transferpipe.inference import first_windows
 from transferpipe.io import atomic_dir, read_json, skipped, write_json, write_skipped
 from transferpipe.model_card import model_card
 from transferpipe.modeling import count_parameters, sequence_classifier
-from transferpipe.params import (
-    FinetuneParams,
-    TokenizeParams,
-    TrackingParams,
-    check_params_file,
-    load_section,
-    to_flat_dict,
-)
+from transferpipe.params import load_params, to_flat_dict
 from transferpipe.serving import TextClassifier
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import (
@@ -75,10 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
-    params = load_section(args.params, "finetune", FinetuneParams)
-    tracking = load_section(args.params, "tracking", TrackingParams)
-    windows = load_section(args.params, "tokenize", TokenizeParams)  # how the MLflow model cuts long texts
+    every = load_params(args.params)  # every section checked, so a bad param of a later stage fails now
+    params, tracking = every.finetune, every.tracking
+    windows = every.tokenize  # how the MLflow model cuts long texts
     check_tracking(tracking)
     seed_everything(params.seed)
     if reason := skipped(args.encoder):  # pretrain.scratch_baseline false: no model to train

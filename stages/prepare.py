@@ -16,7 +16,7 @@ from pathlib import Path
 from transferpipe.data import prepare
 from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json
-from transferpipe.params import PrepareParams, check_params_file, load_section
+from transferpipe.params import load_params
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    check_params_file(args.params)
-    params = load_section(args.params, "prepare", PrepareParams)
+    params = load_params(args.params).prepare  # every section checked, so a bad param of a later stage fails now
     with atomic_dir(args.out) as tmp:
         data = prepare(params, tmp)
     write_json(args.stats, data.stats)

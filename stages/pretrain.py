@@ -34,14 +34,7 @@ from transferpipe.errors import run_cli
 from transferpipe.io import atomic_dir, write_json, write_skipped
 from transferpipe.model_sources import checkpoint_lineage, resolve_checkpoint
 from transferpipe.modeling import count_parameters, pretraining_model, untrained_copy
-from transferpipe.params import (
-    ModelParams,
-    PretrainParams,
-    TrackingParams,
-    check_params_file,
-    load_section,
-    to_flat_dict,
-)
+from transferpipe.params import load_params, to_flat_dict
 from transferpipe.pretraining import evaluate_untrained, pretrain, utilization
 from transferpipe.tokenization import load_tokenizer
 from transferpipe.tracking import check_tracking, lineage_tags, lineage_to_tags, recording, rows_digest, start_run
@@ -59,10 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
-    model_params = load_section(args.params, "model", ModelParams)
-    params = load_section(args.params, "pretrain", PretrainParams)
-    tracking = load_section(args.params, "tracking", TrackingParams)
+    every = load_params(args.params)  # every section checked, so a bad param of a later stage fails now
+    model_params, params, tracking = every.model, every.pretrain, every.tracking
     check_tracking(tracking)
     seed_everything(params.seed)
     tokenizer = load_tokenizer(args.tokenizer)

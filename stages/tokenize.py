@@ -31,7 +31,7 @@ from transferpipe.data import open_prepared
 from transferpipe.errors import UserError, run_cli
 from transferpipe.io import atomic_dir, temp_sibling_dir
 from transferpipe.model_sources import resolve_checkpoint
-from transferpipe.params import ModelParams, TokenizeParams, check_params_file, load_section
+from transferpipe.params import load_params
 from transferpipe.tokenization import (
     load_tokenizer,
     pack_tokenized,
@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.blocks.resolve() == args.out.resolve():
         raise UserError(f"--blocks and --out must be different folders, both are {args.out}")
 
-    check_params_file(args.params)  # every section, so a bad param of a later stage fails now
-    params = load_section(args.params, "tokenize", TokenizeParams)
-    checkpoint = load_section(args.params, "model", ModelParams).checkpoint
+    every = load_params(args.params)  # every section checked, so a bad param of a later stage fails now
+    params, checkpoint = every.tokenize, every.model.checkpoint
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # Every intermediate dataset is an Arrow file in this work folder, memory-mapped, never all in memory.
     # A killed run's work folder is swept here, at the next start.

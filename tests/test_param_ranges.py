@@ -23,7 +23,7 @@ from stages import evaluate, finetune, pretrain, tokenize
 from tests.helpers import REPO, TINY_PARAMS, make_corpus
 from transferpipe.data import per_class_indices
 from transferpipe.errors import UserError, run_cli
-from transferpipe.params import SECTIONS, Range, TokenizeParams, check_params_file, load_params
+from transferpipe.params import SECTIONS, Range, TokenizeParams, load_params
 from transferpipe.tokenization import SPECIAL_TOKENS, train_wordpiece
 
 PARAMS = REPO / "params.yaml"
@@ -167,7 +167,7 @@ def test_the_table_covers_every_numeric_field() -> None:
 
 @pytest.mark.parametrize("path", [PARAMS, TINY_PARAMS], ids=lambda p: p.name)
 def test_repo_params_pass_every_check(path: Path) -> None:
-    check_params_file(path)
+    load_params(path)
 
 
 def test_vocab_size_floor_is_the_special_tokens_and_one_more() -> None:

@@ -3,7 +3,7 @@
 Only stages read params.yaml; the package receives these objects. Loading rejects unknown keys, missing
 keys, wrong types and numbers out of the range declared beside each field (`ranged`) with a message that names
 the key, and refuses the strings that PyYAML makes of exponent floats without a dot (`1e-3`), which would
-otherwise travel on as text. check_params_file also checks the limits that span keys (check_params).
+otherwise travel on as text. load_params also checks the limits that span keys (check_params).
 
 The string under each field is its entry in docs/params.md (tests/test_docs.py keeps the two equal).
 """
@@ -337,12 +337,6 @@ def load_params(path: Path) -> Params:
     params = Params(**{name: _section(raw, path, name, cls) for name, cls in SECTIONS.items()})
     check_params(params)
     return params
-
-
-def check_params_file(path: Path) -> None:
-    """What every stage calls first, before any work: a bad param of any stage, this one or a later one, fails
-    here in a second rather than after pretraining (data-dependent limits are checked where the data is)."""
-    load_params(path)
 
 
 def check_params(params: Params) -> None:
