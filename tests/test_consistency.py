@@ -55,9 +55,10 @@ def transitive_modules(stage: str) -> set[str]:
 
 
 def sections_read(stage: str) -> set[str]:
-    """Sections named in load_section(args.params, "<section>", ...) calls of the stage script."""
+    """Sections the stage script takes from load_params(args.params): `.<section>` of that call or of `every`,
+    the name the stages give its result."""
     source = (REPO / "stages" / f"{stage}.py").read_text()
-    return set(re.findall(r'load_section\(args\.params, "(\w+)"', source))
+    return set(re.findall(r"(?:load_params\(args\.params\)|\bevery)\.(\w+)", source))
 
 
 def test_stage_order_and_commands() -> None:
