@@ -12,6 +12,7 @@ Run `dvc repro tokenize` first. Run: python -m bench.finetune_profile [--steps N
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -38,9 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: finetune.precision")
     args = parser.parse_args(argv)
     ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
+    ft = dataclasses.replace(ft, precision=args.precision or ft.precision)  # the ceiling's precision too
     windows = load_section(REPO / "params.yaml", "tokenize", TokenizeParams)
     checkpoint = load_section(REPO / "params.yaml", "model", ModelParams).checkpoint
-    device, bf16 = torch.device("cpu"), use_bf16(args.precision or ft.precision, torch.device("cpu"))
+    device, bf16 = torch.device("cpu"), use_bf16(ft.precision, torch.device("cpu"))
     data = datasets.load_from_disk(str(REPO / "data/tokenized"))
     labels = read_json(REPO / "data/tokenized/labels.json")
     model = sequence_classifier(resolve_checkpoint(checkpoint) or REPO / "models/pretrained", labels, 0.1)
