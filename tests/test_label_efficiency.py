@@ -145,6 +145,11 @@ def test_an_experiment_running_in_the_workspace_is_unfinished() -> None:
         {"revs": [rev("workspace", None, 7)]}, {"revs": [rev("ae93833", "2026-12-06T13:38:23", 1)]}]}]  # fmt: skip
     found, unfinished = experiments_from_show(shown)
     assert [e.params["finetune.seed"] for e in found] == [1] and unfinished == 1
+    # A queued experiment that failed is shown with its baseline's files, metrics included: it counts as unfinished.
+    failed = {"executor": {"state": "failed"}, "revs": [rev("9c1d2e3", "2026-12-07T17:34:16", 2)]}
+    shown[1]["experiments"].append(failed)
+    found, unfinished = experiments_from_show(shown)
+    assert [e.params["finetune.seed"] for e in found] == [1] and unfinished == 2
 
 
 def test_no_experiments_is_one_line_and_exit_2(tmp_path: Path, repo: tuple[Path, dict[str, str]]) -> None:

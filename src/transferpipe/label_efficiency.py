@@ -64,12 +64,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def experiments_from_show(shown: list[dict]) -> tuple[list[Experiment], int]:
     """The finished experiments in `dvc exp show --json` output (baselines and the workspace left out),
-    and how many experiments had no evaluate metrics (queued, running or failed). An experiment running in
+    and how many experiments had no evaluate metrics (queued, running or failed: a failed one is shown with its
+    baseline's metrics, so its executor's state decides). An experiment running in
     the workspace is listed with the workspace's files, its new params beside the metrics of the last run,
     and without a commit or timestamp: it counts as unfinished."""
     found, unfinished = [], 0
     for baseline in shown:
         for group in baseline.get("experiments") or []:
+            if (group.get("executor") or {}).get("state") == "failed":
+                unfinished += len(group.get("revs") or [])  # DVC shows it with its baseline's files
+                continue
             for rev in group.get("revs") or []:
                 data = rev.get("data") or {}
                 params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
