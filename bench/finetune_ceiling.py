@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from transformers import ModernBertConfig
 
 from bench.common import REPO, load, machine, report, timed
+from transferpipe import flops
 from transferpipe.params import FinetuneParams, load_section
-
-
-def linear_shapes(hidden: int, intermediate: int, layers: int) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer of a ModernBERT-style encoder: fused query-key-value, attention output,
-    the GeGLU's fused input (two halves) and its output."""
-    return [(hidden, 3 * hidden), (hidden, hidden), (hidden, 2 * intermediate), (intermediate, hidden)] * layers
 
 
 def step_seconds(shapes: list[tuple[int, int]], tokens: int, dtype: torch.dtype, repeat: int) -> float:
@@ -48,15 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     m, max_length = params["model"], params["tokenize"].max_length
     ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
     tokens = ft.batch_size * max_length
-    shapes = linear_shapes(m.hidden_size, m.intermediate_size, m.num_hidden_layers)
-    flops = 3 * 2 * tokens * sum(i * o for i, o in shapes)
+    # The configured encoder's linear layers (transferpipe.flops counts the same products).
+    config = ModernBertConfig(
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+    )
+    shapes = flops.linear_shapes(config)
+    step_flop = 3 * 2 * tokens * sum(i * o for i, o in shapes)
     fp32 = step_seconds(shapes, tokens, torch.float32, args.repeat)
     bf16 = step_seconds(shapes, tokens, torch.bfloat16, args.repeat)
     print(
         f"machine: {machine()}; the linear layers of {m.num_hidden_layers} blocks, hidden {m.hidden_size}, "
         f"intermediate {m.intermediate_size}, forward and backward at {ft.batch_size} x {max_length} tokens: "
-        f"{flops / 1e9:.2f} GFLOP per step; fp32 {flops / fp32 / 1e9:.0f} GFLOP/s, "
-        f"bf16 {flops / bf16 / 1e9:.0f} GFLOP/s"
+        f"{step_flop / 1e9:.2f} GFLOP per step; fp32 {step_flop / fp32 / 1e9:.0f} GFLOP/s, "
+        f"bf16 {step_flop / bf16 / 1e9:.0f} GFLOP/s"
     )
     report("matrix products of one fine-tuning step (ours: bf16, reference: fp32)", "steps/s", 1 / bf16, 1 / fp32)
 
