@@ -82,14 +82,58 @@ def remote(origin: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPat
     return storage
 
 
+class Workflow:
+    """The pull-request workflow's steps after the install, as written in pull-request.yml, run by bash as Actions
+    runs a `run:` script on Linux, in a clone, with the job's env plus `secrets`."""
+
+    def __init__(self, clone: Path, env: dict[str, str], secrets: dict[str, str] | None = None) -> None:
+        job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["report"]
+        self.steps = {step.get("name"): step for step in job["steps"]}
+        self.clone, self.env = clone, dict(env)
+        for key, value in job.get("env", {}).items():
+            if "${{ secrets." in str(value):
+                self.env[key] = (secrets or {}).get(key, "")  # an unset secret is an empty string on Actions
+            else:
+                self.env[key] = self.expand(str(value))
+
+    @staticmethod
+    def expand(value: str) -> str:
+        for expression, replacement in GITHUB_CONTEXT.items():
+            value = value.replace(expression, replacement)
+        assert "${{" not in value, f"a GitHub expression this test does not know: {value}"
+        return value
+
+    def runs(self, name: str) -> bool:
+        """Whether the step's `if:` lets it run (the only condition the workflow uses: a non-empty env var)."""
+        condition = self.steps[name].get("if")
+        if condition is None:
+            return True
+        match = re.fullmatch(r"env\.(\w+) != ''", condition)
+        assert match, f"a step condition this test does not know: {condition}"
+        return self.env.get(match.group(1), "") != ""
+
+    def run(self, name: str) -> subprocess.CompletedProcess:
+        step = self.steps[name]
+        step_env = self.env | {key: self.expand(str(value)) for key, value in step.get("env", {}).items()}
+        script = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", self.expand(step["run"])]
+        proc = sh(script, self.clone, step_env)
+        assert "Traceback" not in proc.stdout + proc.stderr
+        return proc
+
+
+PULL, RERUN, REVIEW = (
+    "Pull the pull request's DVC outputs",
+    "Rerun the stale stages that fit the runner's time",
+    "Review the results against the base",
+)
+
+
 def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    """The workflow's steps after the install, as written in pull-request.yml, on a runner's fresh checkout of a
-    pull request that changes a param of the pipeline without rerunning it, and the tiny CI profile."""
+    """The workflow's steps after the install on a runner's fresh checkout of a pull request that changes a param
+    of the pipeline without rerunning it, and the tiny CI profile; no DVC remote (no secret)."""
     root, _ = origin
-    job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["report"]
-    steps = {step.get("name"): step for step in job["steps"]}
     clone, env = fresh_clone(root, tmp_path / "clone", "main")
-    env |= {key: str(value) for key, value in job.get("env", {}).items() if "${{" not in str(value)}
+    workflow = Workflow(clone, env)
     # The pull request: one commit on top of origin/main that changes fine-tuning epochs in params.yaml (not
     # rerun) and the learning rate of the tiny CI profile.
     params, profile = clone / "params.yaml", clone / "tests/fixtures/params-tiny.yaml"
@@ -103,27 +147,16 @@ def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, st
     git_user = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
     sh(["git", *git_user, "commit", "-qam", f"{new_epochs} fine-tuning epochs; CI profile head rate"], clone, env)
 
-    def expand(value: str) -> str:
-        for expression, replacement in GITHUB_CONTEXT.items():
-            value = value.replace(expression, replacement)
-        assert "${{" not in value, f"a GitHub expression this test does not know: {value}"
-        return value
-
-    def run_step(name: str) -> subprocess.CompletedProcess:
-        step = steps[name]
-        step_env = env | {key: expand(str(value)) for key, value in step.get("env", {}).items()}
-        return bash(step["run"], step_env)
-
-    def bash(script: str, script_env: dict[str, str]) -> subprocess.CompletedProcess:
-        # How Actions runs a `run:` script on Linux.
-        return sh(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", expand(script)], clone, script_env)
-
-    assert steps["Pull the pull request's DVC outputs"]["if"] == "env.DVC_REMOTE_URL != ''"  # no secret here
-    built = run_step("Review the committed results against the base")
-    assert "Traceback" not in built.stdout + built.stderr
+    assert not workflow.runs(PULL)  # no secret here
+    workflow.run(RERUN)
+    assert json.loads((clone / "rerun.json").read_text())["outcome"] == "skipped"  # nothing pulled to start from
+    workflow.run(REVIEW)
     review = re.sub(" +", " ", (clone / "report.md").read_text())  # DVC pads its Markdown tables
     # The first line: the committed results predate the committed params.
     assert review.startswith("**Results are stale**: changed since they were run: finetune@pretrained (params.yaml:")
+    assert review.splitlines()[0].endswith(
+        "Not rerun here: the outputs the stale stages start from are not here (no DVC remote to pull them from)."
+    )
     assert f"| params.yaml | finetune.epochs | {epochs} | {new_epochs} |" in review
     # Like with like: the committed results on both sides are the same run, so every model is within noise.
     verdicts = [line for line in review.splitlines() if line.startswith("- **")]
@@ -132,8 +165,7 @@ def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, st
     assert review.count(UNKNOWN) == 1
     assert "![Pretraining loss (masked LM)](report_images/pretrain_loss.png)" in review
 
-    smoke = run_step("Smoke test, the tiny CI profile at the base and here")
-    assert "Traceback" not in smoke.stdout + smoke.stderr
+    workflow.run("Smoke test, the tiny CI profile at the base and here")
     text = re.sub(" +", " ", (clone / "report.md").read_text())
     assert text.startswith(review.rstrip("\n"))  # the review stays first, the smoke test follows
     section = text[text.index("## Smoke test: the tiny CI profile, at the base and here") :]
@@ -144,7 +176,7 @@ def test_pull_request_workflow_in_a_fresh_clone(origin: tuple[Path, dict[str, st
 
     # The comment step without its `cml comment` line (that needs GitHub and a token): every figure the report
     # links is a file where CML's --publish looks for it (beside report.md).
-    comment = steps["Comment on the pull request, figures included"]["run"]
+    comment = workflow.steps["Comment on the pull request, figures included"]["run"]
     assert comment.strip().startswith("cml comment update") and "--publish" in comment
     figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", text, re.M)
     assert "report_images/pretrain_loss.png" in figures and "report_images/smoke/pretrain_loss.png" in figures
@@ -213,6 +245,35 @@ CHANGES = {
     "broken": ("stages/finetune.py", LABELS_READ, LABELS_READ + "    splits['train'] = splits['train'].map(lambda x: "
                "{'labels': (x['labels'] + 1) % len(label_names)}, keep_in_memory=True)\n"),
 }  # fmt: skip
+
+
+def test_a_stale_pull_request_is_rerun_on_the_runner(
+    origin: tuple[Path, dict[str, str]], remote: Path, tmp_path: Path
+) -> None:
+    """The workflow with the DVC_REMOTE_URL secret, on a pull request that changes a finetune param and commits
+    it without a rerun: CI pulls the outputs, reruns the stale stages within the budget and reviews the rerun."""
+    root, _ = origin
+    clone, env = fresh_clone(root, tmp_path / "clone", "shared")
+    workflow = Workflow(clone, env, secrets={"DVC_REMOTE_URL": str(remote)})
+    path, old, new = CHANGES["param"]
+    (clone / path).write_text((clone / path).read_text().replace(old, new))
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "not rerun"], clone, env)
+
+    assert workflow.runs(PULL)
+    workflow.run(PULL)
+    assert "Running stage 'finetune@pretrained'" in workflow.run(RERUN).stdout
+    record = json.loads((clone / "rerun.json").read_text())
+    assert record["outcome"] == "rerun", record
+    assert {"finetune@pretrained", "evaluate"} <= set(record["stages"]) and "prepare" not in record["stages"]
+    workflow.run(REVIEW)
+    review = (clone / "report.md").read_text()
+    assert review.startswith(
+        "**Results were stale and are rerun here**: changed since they were run: finetune@pretrained (params.yaml: "
+    ), review.splitlines()[0]
+    verdicts = {line.split("**")[1]: line for line in review.splitlines() if line.startswith("- **")}
+    base, head = metric(root, "pretrained", "macro_f1"), metric(clone, "pretrained", "macro_f1")
+    assert head != base and f"macro-F1 {base:.4f} → {head:.4f}" in verdicts["pretrained"]
+    assert verdicts["tfidf_logreg"].count("+0.00 points [+0.00, +0.00]: **within noise**") == 2
 
 
 @pytest.mark.parametrize("change", list(CHANGES))

@@ -1,9 +1,11 @@
-"""The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs), `compare`
+"""The `transferpipe` command: `report` (working tree vs a base revision, Markdown + PNGs), `rerun` (the stale
+stages within a time budget, for a pull request's review), `compare`
 (MLflow finetune runs side by side), `label-efficiency` (a labels-per-class sweep of DVC experiments as a
 table and a plot) and `probe` (a linear probe of frozen encoders). Mistakes print one line, `error: ...`, and
 exit 2.
 
     transferpipe report --base main --out report.md --images-dir report_images
+    transferpipe rerun --within-minutes 30 --record rerun.json && transferpipe report --base main --rerun rerun.json
     transferpipe compare --csv runs.csv --markdown runs.md
     transferpipe label-efficiency --out reports/label_efficiency
     transferpipe probe --encoder models/pretrained models/scratch --labels-per-class 20
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferpipe.errors import run_cli
+from transferpipe.errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TITLE",
         help="write the report as a section titled TITLE (its headings one level down), to append to another",
     )
+
+    report.add_argument(
+        "--rerun", type=Path, metavar="RECORD", help="record of `transferpipe rerun`: the first line says what it did"
+    )
+
+    rerun = sub.add_parser(
+        "rerun", help="rerun the stale stages (dvc repro) if they finish within a time budget, else restore"
+    )
+    rerun.add_argument(
+        "--within-minutes", type=_positive_minutes, required=True, help="stop and restore after this many minutes"
+    )
+    rerun.add_argument("--record", type=Path, default=Path("rerun.json"), help="what it did (default: rerun.json)")
 
     compare = sub.add_parser("compare", help="MLflow finetune runs side by side: differing params, key metrics")
     compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment_name of --params)")
@@ -96,14 +110,37 @@ def _labels_per_class(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {value!r}") from None
 
 
+def _positive_minutes(value: str) -> float:
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {value!r}")
+    return minutes
+
+
 def _report(args: argparse.Namespace) -> None:
+    from transferpipe.io import read_json
     from transferpipe.report import build_report
     from transferpipe.vcs import git_toplevel
 
     root = git_toplevel(Path.cwd())
     images_dir = args.images_dir if args.images_dir.is_absolute() else args.out.parent / args.images_dir
-    out = build_report(root, args.base, args.out, images_dir, section=args.section)
+    if args.rerun and not args.rerun.is_file():
+        raise UserError(f"no rerun record at {args.rerun}; run `transferpipe rerun --record {args.rerun}` first")
+    rerun = read_json(args.rerun) if args.rerun else None
+    out = build_report(root, args.base, args.out, images_dir, section=args.section, rerun=rerun)
     print(f"wrote {out} and figures in {images_dir}")
+
+
+def _rerun(args: argparse.Namespace) -> None:
+    from transferpipe.report import rerun_line
+    from transferpipe.rerun import rerun_stale
+    from transferpipe.vcs import git_toplevel
+
+    result = rerun_stale(git_toplevel(Path.cwd()), args.within_minutes * 60, args.record)
+    print(f"{rerun_line(result)} (record: {args.record})")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -137,7 +174,13 @@ def _probe(args: argparse.Namespace) -> None:
 
 def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"report": _report, "compare": _compare, "label-efficiency": _label_efficiency, "probe": _probe}
+    handlers = {
+        "report": _report,
+        "rerun": _rerun,
+        "compare": _compare,
+        "label-efficiency": _label_efficiency,
+        "probe": _probe,
+    }
     handlers[args.command](args)
 
 

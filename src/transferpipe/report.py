@@ -87,9 +87,12 @@ class Side:
     list_dir: Callable[[str], list[str]]
 
 
-def build_report(root: Path, base: str, out: Path, images_dir: Path, section: str | None = None) -> Path:
+def build_report(
+    root: Path, base: str, out: Path, images_dir: Path, section: str | None = None, rerun: dict | None = None
+) -> Path:
     """Write the report to `out` and its figures to `images_dir`; return the report's path. With `section`,
-    the report is a section of that title, its own headings one level down (to append to another report)."""
+    the report is a section of that title, its own headings one level down (to append to another report). With
+    `rerun`, the record of `transferpipe rerun` in this working tree, the first line says what the rerun did."""
     root = Path(root)
     base_sha = resolve_revision(root, base)
     head_sha = git(root, "rev-parse", "--short", "HEAD").strip()
@@ -107,7 +110,7 @@ def build_report(root: Path, base: str, out: Path, images_dir: Path, section: st
     images_dir.mkdir(parents=True, exist_ok=True)
     link_prefix = Path(os.path.relpath(images_dir.resolve(), out.resolve().parent)).as_posix()
 
-    lines = [freshness_line(root), "", f"# transferpipe report: {new.label} vs {old.label}", ""]
+    lines = [freshness_line(root, rerun), "", f"# transferpipe report: {new.label} vs {old.label}", ""]
     lines += verdicts_section(old, new)
     lines += sweeps_section(*(_sweep(root, rev) for rev in (base_sha, "HEAD")))
     lines += _dvc_diff_section(root, "params", base, "Params", f"No params changed in {PARAMS_FILE}.")
@@ -136,11 +139,10 @@ def resolve_revision(root: Path, rev: str) -> str:
 # --- freshness: do the committed results belong to this code, params and data? ---------------------------
 
 
-def freshness_line(root: Path) -> str:
-    """The report's first line, from `dvc status` of the working tree against its dvc.lock: the stages whose
-    code, params, command or upstream outputs changed since they were run (their committed results are stale),
-    or that every stage's inputs in git are the ones it ran with. Outputs missing here (no DVC cache or remote,
-    as in a fresh clone) cannot be checked, which the line says."""
+def stale_stages(root: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """From `dvc status` of the working tree against its dvc.lock: the stages whose code, params, command or
+    upstream outputs changed since they were run, each with why (their committed results are stale), and the
+    stages whose outputs are not here to check (no DVC cache or remote, as in a fresh clone)."""
     status = json.loads(dvc(root, "status", "--json").strip() or "{}")
     outputs = _lock_outputs(root)
     stale, unverified = {}, set()
@@ -164,16 +166,58 @@ def freshness_line(root: Path) -> str:
                     unverified.add(stage)
         if reasons:
             stale[stage] = sorted(set(reasons))
+    return stale, unverified
+
+
+def describe_stale(stale: dict[str, list[str]]) -> str:
+    return "; ".join(f"{stage} ({', '.join(reasons)})" for stage, reasons in stale.items())
+
+
+def freshness_line(root: Path, rerun: dict | None = None) -> str:
+    """The report's first line: whether every stage's committed results belong to the committed code, params and
+    data (`stale_stages`), and, given the record of `transferpipe rerun` (transferpipe.rerun), what a rerun of the
+    stale stages on this machine did: the report then compares the rerun's results where it finished."""
+    if rerun and rerun.get("outcome") == "rerun":
+        return rerun_line(rerun)
+    stale, unverified = stale_stages(root)
     if stale:
-        why = "; ".join(f"{stage} ({', '.join(reasons)})" for stage, reasons in stale.items())
-        return (
-            f"**Results are stale**: changed since they were run: {why}. "
+        line = (
+            f"**Results are stale**: changed since they were run: {describe_stale(stale)}. "
             "Rerun `dvc repro` (or `dvc exp run`), commit dvc.lock, metrics and plots, and `dvc push`."
         )
+        return line + (f" {rerun_line(rerun)}" if rerun else "")
     line = "**Results are current**: every stage ran with the code, params and data committed here (`dvc status`)."
     if unverified:
         line += " The models themselves were not checked: their DVC outputs are not here (no cache, no remote)."
     return line
+
+
+def rerun_line(rerun: dict) -> str:
+    """What `transferpipe rerun` did, in a sentence or two (its record: transferpipe.rerun.rerun_stale)."""
+    took = ", ".join(f"{stage} {_duration(seconds)}" for stage, seconds in rerun.get("stages", {}).items())
+    where = f"{rerun.get('cpu', 'this machine')}"
+    if rerun["outcome"] == "rerun":
+        return (
+            f"**Results were stale and are rerun here**: changed since they were run: "
+            f"{describe_stale(rerun['stale'])}. `dvc repro` reran {took or 'them'} on {where} "
+            f"({_duration(rerun['seconds'])} in all); the review compares those results, uncommitted, with the "
+            "base's committed ones. Another CPU lands within the seed spread, not on the author's digits: "
+            "rerun, commit and `dvc push` to review your own."
+        )
+    budget = _duration(rerun["within_seconds"])
+    if rerun["outcome"] == "timeout":
+        return (
+            f"A rerun here did not finish within {budget} ({took or 'no stage finished'}; stopped, the committed "
+            "results restored)."
+        )
+    if rerun["outcome"] == "failed":
+        return f"A rerun here failed: {rerun.get('error', 'see the job log')} (the committed results restored)."
+    return f"Not rerun here: {rerun.get('why', rerun['outcome'])}."
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def _lock_outputs(root: Path) -> set[str]:
