@@ -85,7 +85,7 @@ def test_stale_stages_rerun_within_the_budget_and_the_report_says_so(repo: tuple
     assert "Running stage 'train'" in proc.stdout  # dvc's output passes through, for the CI log
     record = json.loads((root / "rerun.json").read_text())
     assert record["outcome"] == "rerun"
-    assert record["stale"] == {"train": ["params.yaml: train"]}
+    assert record["stale"] == {"train": ["params.yaml: train.epochs"]}
     assert set(record["stages"]) == {"train", "evaluate"}  # the stale stage and the one downstream
     assert 0 < sum(record["stages"].values()) <= record["seconds"] < 300
     assert json.loads((root / "evaluated.json").read_text()) == {"epochs": 5}  # the rerun's results, uncommitted
@@ -93,7 +93,7 @@ def test_stale_stages_rerun_within_the_budget_and_the_report_says_so(repo: tuple
     report = (root / "report.md").read_text()
     first = report.splitlines()[0]
     assert first.startswith(
-        "**Results were stale and are rerun here**: changed since they were run: train (params.yaml: train). "
+        "**Results were stale and are rerun here**: changed since they were run: train (params.yaml: train.epochs). "
         "`dvc repro` reran train "
     ), first
     assert "| scores.json | macro_f1 | 0.75 | 0.83333 |" in re.sub(" +", " ", report)  # the rerun's metric, compared
@@ -114,7 +114,7 @@ def test_past_the_budget_the_stage_is_stopped_and_the_committed_results_restored
     assert (root / "model.txt").read_text() == "3"  # the committed output, back from the DVC cache
     transferpipe(root, env, "report", "--base", "base", "--rerun", "rerun.json")
     first = (root / "report.md").read_text().splitlines()[0]
-    assert first.startswith("**Results are stale**: changed since they were run: train (params.yaml: train)")
+    assert first.startswith("**Results are stale**: changed since they were run: train (params.yaml: train.epochs, train.seconds)")
     assert first.endswith("A rerun here did not finish within 6 s (no stage finished; stopped, the committed "
                           "results restored).")  # fmt: skip
 

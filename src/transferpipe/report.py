@@ -144,7 +144,8 @@ def stale_stages(root: Path) -> tuple[dict[str, list[str]], set[str]]:
     upstream outputs changed since they were run, each with why (their committed results are stale), and the
     stages whose outputs are not here to check (no DVC cache or remote, as in a fresh clone)."""
     status = json.loads(dvc(root, "status", "--json").strip() or "{}")
-    outputs = _lock_outputs(root)
+    lock = _lock_stages(root)
+    outputs = {out["path"] for stage in lock.values() for out in stage.get("outs", [])}
     stale, unverified = {}, set()
     for stage, entries in status.items():
         reasons = []
@@ -153,8 +154,9 @@ def stale_stages(root: Path) -> tuple[dict[str, list[str]], set[str]]:
                 reasons.append(entry.removeprefix("changed "))
                 continue
             for path, change in (entry.get("changed deps") or {}).items():
-                if isinstance(change, dict):  # params: {section: modified}
-                    reasons += [f"{path}: {key}" for key in change]
+                if isinstance(change, dict):  # params: {section: modified}, named down to the keys that changed
+                    ran_with = lock.get(stage, {}).get("params", {}).get(path, {})
+                    reasons.append(f"{path}: {', '.join(_changed_keys(root / path, ran_with, list(change)))}")
                 elif change == "deleted" and _is_output(path, outputs):
                     unverified.add(stage)  # an upstream output not here: unknown, not stale
                 else:
@@ -220,12 +222,39 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def _lock_outputs(root: Path) -> set[str]:
+def _lock_stages(root: Path) -> dict[str, dict]:
     import yaml
 
     lock = root / "dvc.lock"
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}) if lock.is_file() else {}
-    return {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
+    return (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}) if lock.is_file() else {}
+
+
+def _changed_keys(params_file: Path, ran_with: dict, sections: list[str]) -> list[str]:
+    """The dotted keys under `sections` whose value in `params_file` differs from what the stage ran with (its
+    dvc.lock entry); a section whose keys cannot be told apart is named whole."""
+    import yaml
+
+    try:
+        now = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return sections
+    keys = []
+    for section in sections:
+        old, new = _flatten(ran_with.get(section), section), _flatten(_lookup(now, section), section)
+        keys += sorted(key for key in old.keys() | new.keys() if old.get(key, MISSING) != new.get(key, MISSING))
+    return keys or sections
+
+
+def _lookup(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _flatten(value: object, prefix: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, child in value.items() for k, v in _flatten(child, f"{prefix}.{key}").items()}
 
 
 def _is_output(path: str, outputs: set[str]) -> bool:
