@@ -32,7 +32,15 @@ time.sleep(p['seconds'])
 open('model.txt', 'w').write(str(p['epochs']))
 json.dump({'macro_f1': 1 - 1 / (p['epochs'] + 1)}, open('scores.json', 'w'))
 """
-EVALUATE = "import json\njson.dump({'epochs': int(open('model.txt').read())}, open('evaluated.json', 'w'))\n"
+EVALUATE = """\
+import json, signal, sys, time, yaml
+def stop(*_):
+    open('interrupted', 'w').write('SIGINT')
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+time.sleep(yaml.safe_load(open('params.yaml'))['evaluate']['seconds'])
+json.dump({'epochs': int(open('model.txt').read())}, open('evaluated.json', 'w'))
+"""
 
 
 def transferpipe(root: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -44,9 +52,9 @@ def commit(root: Path, env: dict[str, str], message: str) -> None:
     sh(["git", "commit", "-qm", message], root, env)
 
 
-def set_params(root: Path, **train: object) -> None:
+def set_params(root: Path, section: str = "train", **values: object) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"] |= train
+    params[section] |= values
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -57,10 +65,17 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     env |= {"DVC_NO_ANALYTICS": "1"}
     root = tmp_path / "repo"
     root.mkdir()
-    for args in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "t@example.com"],
-                 ["git", "config", "user.name", "t"], [sys.executable, "-m", "dvc", "init", "-q"]):  # fmt: skip
-        sh(args, root, env)
-    (root / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": 3, "seconds": 0, "fail": False}}))
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "t"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.autostage", "true"],
+    ):  # as the project has it
+        sh(args, root, env)  # fmt: skip
+    (root / "params.yaml").write_text(
+        yaml.safe_dump({"train": {"epochs": 3, "seconds": 0, "fail": False}, "evaluate": {"seconds": 0}})
+    )
     (root / "train.py").write_text(TRAIN)
     (root / "evaluate.py").write_text(EVALUATE)
     (root / ".gitignore").write_text("interrupted\nrerun.json\nreport.md\nreport_images/\n")
@@ -68,7 +83,7 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "train": {"cmd": f"{sys.executable} train.py", "deps": ["train.py"], "params": ["train"],
                   "outs": ["model.txt"], "metrics": [{"scores.json": {"cache": False}}]},
         "evaluate": {"cmd": f"{sys.executable} evaluate.py", "deps": ["evaluate.py", "model.txt"],
-                     "metrics": [{"evaluated.json": {"cache": False}}]},
+                     "params": ["evaluate"], "metrics": [{"evaluated.json": {"cache": False}}]},
     }  # fmt: skip
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     sh([sys.executable, "-m", "dvc", "repro", "-q"], root, env)
@@ -102,21 +117,26 @@ def test_stale_stages_rerun_within_the_budget_and_the_report_says_so(repo: tuple
 def test_past_the_budget_the_stage_is_stopped_and_the_committed_results_restored(
     repo: tuple[Path, dict[str, str]],
 ) -> None:
+    """train reruns and its lock entry is staged (core.autostage); evaluate, downstream, runs past the budget."""
     root, env = repo
-    set_params(root, epochs=5, seconds=60)
-    commit(root, env, "5 epochs of 60 s, not rerun")
-    transferpipe(root, env, "rerun", "--within-minutes", "0.1", "--record", "rerun.json")
+    set_params(root, epochs=5)
+    set_params(root, "evaluate", seconds=60)
+    commit(root, env, "5 epochs; an evaluation of 60 s; not rerun")
+    transferpipe(root, env, "rerun", "--within-minutes", "0.2", "--record", "rerun.json")
     record = json.loads((root / "rerun.json").read_text())
-    assert record["outcome"] == "timeout" and record["stages"] == {}
-    assert 6 <= record["seconds"] < 40  # the stage's 60 s sleep was cut short
+    assert record["outcome"] == "timeout" and list(record["stages"]) == ["train"], record
+    assert 12 <= record["seconds"] < 50  # evaluate's 60 s sleep was cut short
     assert (root / "interrupted").read_text() == "SIGINT"  # stopped as Ctrl-C stops it
     assert sh(["git", "status", "--porcelain", "--untracked-files=no"], root, env).stdout == ""
     assert (root / "model.txt").read_text() == "3"  # the committed output, back from the DVC cache
     transferpipe(root, env, "report", "--base", "base", "--rerun", "rerun.json")
     first = (root / "report.md").read_text().splitlines()[0]
-    assert first.startswith("**Results are stale**: changed since they were run: train (params.yaml: train.epochs, train.seconds)")
-    assert first.endswith("A rerun here did not finish within 6 s (no stage finished; stopped, the committed "
-                          "results restored).")  # fmt: skip
+    assert first.startswith(
+        "**Results are stale**: changed since they were run: evaluate (params.yaml: evaluate.seconds); "
+        "train (params.yaml: train.epochs)"
+    ), first
+    stopped = r"A rerun here did not finish within 12 s \(train \d+ s; stopped, the committed results restored\)\.$"
+    assert re.search(stopped, first), first
 
 
 def test_a_failing_rerun_is_named_and_the_committed_results_restored(repo: tuple[Path, dict[str, str]]) -> None:

@@ -5,7 +5,7 @@ A pull request's committed results are stale when its code, params or data chang
 `dvc repro` (DVC reruns the stale stages and the ones downstream, nothing else) under a deadline. If it finishes,
 the working tree holds the rerun's results, uncommitted, and the review compares them with the base's; if it
 runs out of time or fails, it is stopped as Ctrl-C stops it (DVC and the stages end cleanly) and the committed
-results are restored (`git checkout`, `dvc checkout`), so the review still shows what the author committed. The
+results are restored (`git reset --hard`, `dvc checkout`), so the review still shows what the author committed. The
 record (JSON) says which it was, which stages ran and for how long, and on what CPU; the report's first line
 reads it (`transferpipe report --rerun`).
 """
@@ -54,7 +54,8 @@ def rerun_stale(root: Path, within_seconds: float, record: Path) -> dict:
     else:
         result |= _repro(root, within_seconds)
         if result["outcome"] != "rerun":
-            git(root, "checkout", "--", ".")
+            # The tree was clean, so this undoes exactly the rerun's changes, staged ones too (core.autostage).
+            git(root, "reset", "--quiet", "--hard", "HEAD")
             dvc(root, "checkout", "--force", "--quiet")
     write_json(record, result)
     return result
