@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, sh
-from transferpipe.report import Side, freshness_line, sweeps_section, verdicts_section
+from transferpipe.report import Side, _changed_keys, freshness_line, sweeps_section, verdicts_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NEW_PRETRAIN_RUN = "a" * 32
@@ -265,6 +265,16 @@ def test_the_first_line_says_whether_the_committed_results_are_current(tmp_path:
     assert stale.startswith("**Results are stale**: changed since they were run: train (params.yaml: finetune.epochs)")
     sh([sys.executable, "-m", "dvc", "repro", "-q"], root, env)
     assert first_line().startswith("**Results are current**")
+
+
+def test_stale_params_are_named_by_key_against_what_the_stage_ran_with(tmp_path: Path) -> None:
+    """A stage that depends on a whole section is named with the keys that changed; DVC's lock writes 5.0e-5 as
+    `5e-05`, which YAML reads back as a string: the same number, not a change."""
+    (tmp_path / "params.yaml").write_text("finetune:\n  lr: 5.0e-5\n  decay: 0.8\n  new: 1\nmodel:\n  size: 2\n")
+    ran_with = yaml.safe_load("finetune:\n  lr: 5e-05\n  decay: 1.0\nmodel.size: 2\n")
+    keys = _changed_keys(tmp_path / "params.yaml", ran_with, ["finetune", "model.size"])
+    assert keys == ["finetune.decay", "finetune.new"]
+    assert _changed_keys(tmp_path / "missing.yaml", ran_with, ["finetune"]) == ["finetune"]
 
 
 def test_seed_sweeps_flag_differences_within_the_seed_spread() -> None:

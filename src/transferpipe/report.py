@@ -241,8 +241,20 @@ def _changed_keys(params_file: Path, ran_with: dict, sections: list[str]) -> lis
     keys = []
     for section in sections:
         old, new = _flatten(ran_with.get(section), section), _flatten(_lookup(now, section), section)
-        keys += sorted(key for key in old.keys() | new.keys() if old.get(key, MISSING) != new.get(key, MISSING))
+        keys += sorted(
+            key for key in old.keys() | new.keys() if not _same(old.get(key, MISSING), new.get(key, MISSING))
+        )
     return keys or sections
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values, where DVC's lock writes 5.0e-5 as `5e-05`, which YAML 1.1 reads back as a string."""
+    if a == b:
+        return True
+    try:
+        return isinstance(a, str | float | int) and isinstance(b, str | float | int) and float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def _lookup(tree: dict, dotted: str) -> object:
