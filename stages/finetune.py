@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         tags["transferpipe.pretrain_run_id"] = pretrain_run
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
     checkpoints = Checkpoints.for_stage(
-        f"finetune-{args.variant}", "finetune", {"finetune": params}, [args.data, args.encoder], params.checkpoint_every
-    )
+        f"finetune-{args.variant}", "finetune", {"finetune": params}, [args.data, args.encoder],
+        params.checkpoint_every, Path(__file__),
+    )  # fmt: skip
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).
     with (
         process_group(params.device, "finetune.device") as device,

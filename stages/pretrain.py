@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Killed earlier with these params and inputs: resume from the last checkpoint, in the same MLflow run.
     checkpoints = Checkpoints.for_stage(
         "pretrain", "pretrain", {"model": model_params, "pretrain": params}, [args.data, args.tokenizer],
-        params.checkpoint_every,
+        params.checkpoint_every, Path(__file__),
     )  # fmt: skip
     tags = lineage_tags(args.data) | lineage_to_tags({"checkpoint": started_from})
     # Under torchrun every rank trains; rank 0 alone opens the MLflow run (is_main() once in the group).

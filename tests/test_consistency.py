@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, TINY_PARAMS
+from transferpipe.checkpoint import code_files
 from transferpipe.params import SECTIONS
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -31,29 +31,6 @@ def expand(name: str, spec: dict) -> list[dict]:
 RUNS = [(name, d) for name, spec in DVC["stages"].items() for d in expand(name, spec)]
 
 
-def imported_modules(path: Path) -> set[str]:
-    """transferpipe modules a file imports directly."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferpipe."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "transferpipe":  # from transferpipe import x
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("transferpipe.")}
-    return found
-
-
-def transitive_modules(stage: str) -> set[str]:
-    todo, seen = imported_modules(REPO / "stages" / f"{stage}.py"), set()
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo |= imported_modules(REPO / "src" / "transferpipe" / f"{module}.py")
-    return seen
-
-
 def sections_read(stage: str) -> set[str]:
     """Sections the stage script takes from load_params(args.params): `.<section>` of that call or of `every`,
     the name the stages give its result."""
@@ -70,9 +47,10 @@ def test_stage_order_and_commands() -> None:
 
 @pytest.mark.parametrize(("stage", "spec"), RUNS)
 def test_deps_list_exactly_the_package_modules_imported(stage: str, spec: dict) -> None:
+    """DVC reruns a stage when this code changes, and its checkpoints are keyed on the same files (code_files)."""
     code_deps = {d for d in spec["deps"] if d.startswith(("src/", "stages/"))}
-    expected = {f"stages/{stage}.py"} | {f"src/transferpipe/{m}.py" for m in transitive_modules(stage)}
-    assert code_deps == expected
+    script = REPO / "stages" / f"{stage}.py"
+    assert code_deps == {path.relative_to(REPO).as_posix() for path in code_files(script)}
 
 
 @pytest.mark.parametrize(("stage", "spec"), RUNS)

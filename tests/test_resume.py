@@ -270,13 +270,22 @@ def test_a_stop_signal_checkpoints_the_step_it_arrived_at_and_a_rerun_resumes_th
         assert history(client, resumed.info.run_id, key) == history(client, whole.info.run_id, key), key
 
 
-def test_a_changed_param_never_resumes_a_stale_checkpoint(prepared: Path) -> None:
+def test_a_changed_param_input_or_code_never_resumes_a_stale_checkpoint(prepared: Path) -> None:
     d = prepared
     base = tiny_params(d, pretrain={"max_steps": 6})
-    key = Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "b"], 2).folder
-    assert key == Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "b"], 2).folder
-    assert key != Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 7}}, [d / "b"], 2).folder
-    assert key != Checkpoints.for_stage("pretrain", "pretrain", {"pretrain": {"max_steps": 6}}, [d / "t"], 2).folder
+    script = d / "pretrain.py"
+    script.write_text((REPO / "stages/pretrain.py").read_text())
+
+    def key(max_steps: int = 6, data: str = "b") -> Path:
+        sections = {"pretrain": {"max_steps": max_steps}}
+        return Checkpoints.for_stage("pretrain", "pretrain", sections, [d / data], 2, script).folder
+
+    first = key()
+    assert first == key()
+    assert first != key(max_steps=7)
+    assert first != key(data="t")
+    script.write_text(script.read_text() + "# a changed line of the stage's code\n")
+    assert first != key()
     assert base.exists()
 
 

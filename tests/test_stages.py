@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from transformers import PreTrainedTokenizerFast
 
 from stages import evaluate, finetune, pretrain
-from tests.helpers import dvc_commands, files_in, run_short, tiny_params
+from tests.helpers import dvc_commands, files_in, make_corpus, run_short, tiny_params
 from transferpipe.data import read_prepared
 from transferpipe.errors import UserError
 from transferpipe.registry import split_sha256
@@ -27,16 +27,41 @@ from transferpipe.tracking import rows_digest
 LABELS = {"business", "sport", "tech", "politics", "entertainment"}
 
 
-@pytest.fixture
-def pipeline_dir(tmp_path: Path, tiny_csv: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every command of dvc.yaml run once, in a folder holding the tiny profile as params.yaml and the tiny
-    CSV as the source; returns that folder."""
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Every command of dvc.yaml run once for the module, in a folder holding the tiny profile as params.yaml and
+    the tiny CSV as the source, with its own MLflow store; returns the folder and the store's URI. Tests read it
+    and write only new paths inside it."""
+    d = tmp_path_factory.mktemp("pipeline")
+    source = d / "tiny.csv"
+    pd.DataFrame(make_corpus()).to_csv(source, index=False)
+    uri = f"sqlite:///{d / 'mlflow.db'}"
     # 16-token windows: the synthetic documents (about 20 tokens) are cut into two.
-    tiny_params(tmp_path, prepare={"source": str(tiny_csv)}, tokenize={"max_length": 16})
-    monkeypatch.chdir(tmp_path)
-    for module, argv in dvc_commands():
-        importlib.import_module(module).main(argv)
-    return tmp_path
+    tiny_params(d, prepare={"source": str(source)}, tokenize={"max_length": 16})
+    with pytest.MonkeyPatch.context() as patch:  # what conftest's _offline and mlflow_uri give a test
+        for key, value in {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFERPIPE_CHECKPOINT_DIR": str(d / ".checkpoints"),
+            "MLFLOW_TRACKING_URI": uri,
+        }.items():
+            patch.setenv(key, value)  # fmt: skip
+        patch.delenv("DVC_ROOT", raising=False)
+        patch.delenv("DVC_EXP_NAME", raising=False)
+        patch.chdir(d)
+        for module, argv in dvc_commands():
+            importlib.import_module(module).main(argv)
+    return d, uri
+
+
+@pytest.fixture
+def pipeline_dir(pipeline_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The module's pipeline folder as the working directory, its MLflow store as the tracking URI."""
+    d, uri = pipeline_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(d)
+    return d
 
 
 def test_stages_write_exactly_their_outputs(pipeline_dir: Path) -> None:

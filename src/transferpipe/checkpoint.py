@@ -9,8 +9,10 @@ training process, from the RNG the checkpoint holds).
 
 A stage's checkpoints live in `.checkpoints/<stage>-<key>/` at the repository root (ignored by git,
 never a DVC output), where the key hashes everything the stage's result depends on: its params sections, the
-bytes of its inputs and the package's code. A changed param, input or line of code therefore starts afresh
-instead of resuming a stale checkpoint. Each write goes to a temporary file renamed over the last one, so a
+bytes of its inputs and its code: the stage script and the package modules it imports, directly or through
+others (`code_files`, the list dvc.yaml declares as the stage's deps: tests/test_consistency.py holds them
+equal). A changed param, input or line of that code therefore starts afresh instead of resuming a stale
+checkpoint, exactly when DVC sees the stage changed. Each write goes to a temporary file renamed over the last one, so a
 kill during a write leaves the previous checkpoint usable. When training ends, a last checkpoint marked
 finished holds the final weights and result until the stage has written its outputs and MLflow has recorded
 them: a tracking failure then costs a rerun of the logging, not of the training. The stage deletes its
@@ -22,6 +24,7 @@ it: on several machines, point TRANSFERPIPE_CHECKPOINT_DIR at a folder they all 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -45,18 +48,46 @@ FILE = "checkpoint.pt"
 PACKAGE = Path(__file__).resolve().parent
 
 
-def fingerprint(stage: str, sections: dict[str, Any], inputs: list[Path]) -> str:
+def fingerprint(stage: str, sections: dict[str, Any], inputs: list[Path], script: Path) -> str:
     """A hash of what a stage's result depends on: its params (dataclasses or plain values), the bytes of
-    every file under `inputs` (with their relative paths), and the package's source files."""
+    every file under `inputs` (with their relative paths), and its code (`code_files(script)`)."""
     digest = hashlib.sha256()
     values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()}
     digest.update(json.dumps({"stage": stage, "params": values}, sort_keys=True, default=str).encode())
-    for root, pattern in [*((Path(p), "**/*") for p in inputs), (PACKAGE, "**/*.py")]:
-        for path in sorted(p for p in root.glob(pattern) if p.is_file()) if root.is_dir() else [root]:
+    for root in (Path(p) for p in inputs):
+        for path in sorted(p for p in root.glob("**/*") if p.is_file()) if root.is_dir() else [root]:
             digest.update(str(path.relative_to(root) if root.is_dir() else path.name).encode())
             with open(path, "rb") as f:
                 digest.update(hashlib.file_digest(f, "sha256").digest())
+    for path in code_files(script):
+        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+def code_files(script: Path) -> list[Path]:
+    """The stage script and every package module it imports, directly or through other modules (function-local
+    imports included): the code whose change makes DVC rerun the stage."""
+    found, todo = {Path(script).resolve()}, [Path(script).resolve()]
+    while todo:
+        for module in _package_imports(todo.pop()):
+            path = PACKAGE / f"{module}.py"
+            if path not in found:
+                found.add(path)
+                todo.append(path)
+    return sorted(found)
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The transferpipe modules a file imports by name."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferpipe."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "transferpipe":  # from transferpipe import x
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("transferpipe.")}
+    return names
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,14 +142,14 @@ class Checkpoints:
 
     @classmethod
     def for_stage(
-        cls, stage: str, section: str, sections: dict[str, Any], inputs: list[Path], every: int | None
+        cls, stage: str, section: str, sections: dict[str, Any], inputs: list[Path], every: int | None, script: Path
     ) -> Checkpoints:
-        """The checkpoints of `stage` for these params `sections` and `inputs`; `every` is params
-        `section.checkpoint_every`."""
+        """The checkpoints of `stage` for these params `sections`, `inputs` and code (`script`, the stage's file);
+        `every` is params `section.checkpoint_every`."""
         if every is not None and every < 1:
             raise UserError(f"params {section}.checkpoint_every={every} must be a number of steps (1 or more) or null")
         root = Path(os.environ.get(DIR_ENV) or repo_root() / CHECKPOINT_DIR)
-        return cls(root / f"{stage}-{fingerprint(stage, sections, inputs)}", every)
+        return cls(root / f"{stage}-{fingerprint(stage, sections, inputs, script)}", every)
 
     @property
     def run_id(self) -> str | None:
