@@ -197,7 +197,7 @@ def freshness_line(root: Path, rerun: dict | None = None) -> str:
 def rerun_line(rerun: dict) -> str:
     """What `transferpipe rerun` did, in a sentence or two (its record: transferpipe.rerun.rerun_stale)."""
     took = ", ".join(f"{stage} {_duration(seconds)}" for stage, seconds in rerun.get("stages", {}).items())
-    where = f"{rerun.get('cpu', 'this machine')}"
+    where = rerun.get("cpu", "this machine")
     if rerun["outcome"] == "rerun":
         return (
             f"**Results were stale and are rerun here**: changed since they were run: "
@@ -264,9 +264,10 @@ def _lookup(tree: dict, dotted: str) -> object:
 
 
 def _flatten(value: object, prefix: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    return {k: v for key, child in value.items() for k, v in _flatten(child, f"{prefix}.{key}").items()}
+    """label_efficiency.flatten of a section, or {prefix: value} for a single param (model.checkpoint)."""
+    from transferpipe.label_efficiency import flatten
+
+    return flatten(value, f"{prefix}.") if isinstance(value, dict) else {prefix: value}
 
 
 def _is_output(path: str, outputs: set[str]) -> bool:

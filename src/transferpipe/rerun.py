@@ -114,13 +114,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name and this process's cores, as `lscpu` and `nproc` give them."""
-    name = "an unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    """The CPU's model name (`flops.cpu_name`, as `lscpu` gives it) and this process's cores, as `nproc` does."""
+    from transferpipe.flops import cpu_name as model_name
+
+    return f"{model_name()}, {len(os.sched_getaffinity(0))} cores"
