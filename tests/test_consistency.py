@@ -50,7 +50,8 @@ def test_deps_list_exactly_the_package_modules_imported(stage: str, spec: dict) 
     """DVC reruns a stage when this code changes, and its checkpoints are keyed on the same files (code_files)."""
     code_deps = {d for d in spec["deps"] if d.startswith(("src/", "stages/"))}
     script = REPO / "stages" / f"{stage}.py"
-    assert code_deps == {path.relative_to(REPO).as_posix() for path in code_files(script)}
+    modules = {f"src/transferpipe/{path.name}" for path in code_files(script) if path != script.resolve()}
+    assert code_deps == {f"stages/{stage}.py"} | modules  # by name: the package may be installed from elsewhere
 
 
 @pytest.mark.parametrize(("stage", "spec"), RUNS)
