@@ -52,7 +52,7 @@ def rerun_stale(root: Path, within_seconds: float, record: Path) -> dict:
             "why": "the outputs the stale stages start from are not here (no DVC remote to pull them from)",
         }
     else:
-        result |= _repro(root, within_seconds)
+        result |= repro_timed(root, within_seconds)
         if result["outcome"] != "rerun":
             # The tree was clean, so this undoes exactly the rerun's changes, staged ones too (core.autostage).
             git(root, "reset", "--quiet", "--hard", "HEAD")
@@ -61,8 +61,9 @@ def rerun_stale(root: Path, within_seconds: float, record: Path) -> dict:
     return result
 
 
-def _repro(root: Path, within_seconds: float) -> dict:
-    """`dvc repro` with its output passed through, stopped like Ctrl-C at the deadline."""
+def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = None) -> dict:
+    """`dvc repro` in root (with env, default this process's), its output passed through, stopped like Ctrl-C at
+    the deadline: the outcome (rerun, timeout or failed), each stage's seconds, the total and dvc's error line."""
     start = time.monotonic()
     stages: dict[str, float] = {}
     tail: deque[str] = deque(maxlen=20)
@@ -73,6 +74,7 @@ def _repro(root: Path, within_seconds: float) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the stop reaches the stage DVC runs
+        env=env,
     )
 
     def pump() -> None:
