@@ -232,3 +232,16 @@ def test_saved_models_load_with_the_padding_safe_attention(tmp_path: Path) -> No
     model.save_pretrained(tmp_path)
     assert "padding_safe" not in (tmp_path / "config.json").read_text()  # plain transformers loads it
     assert load_classifier(tmp_path).config._attn_implementation == PADDING_SAFE
+
+
+def test_inference_and_training_attention_agree_on_the_cpu() -> None:
+    """Without gradients the CPU runs SDPA (faster for inference), with them plain matrix products (faster to
+    train): on a padded batch both give the same logits to float tolerance, padded positions included."""
+    model = sliding_window_classifier(PADDING_SAFE).eval()
+    batch = padded_window_batch(model)
+    del batch["labels"]
+    with torch.no_grad():
+        inference = model(**batch).logits
+    training = model(**batch).logits.detach()
+    torch.testing.assert_close(inference, training, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(inference).all()

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import sh
+from transferpipe.rerun import StageClock
 
 pytestmark = pytest.mark.slow  # real dvc runs, about 80 s in all
 
@@ -172,3 +173,22 @@ def test_uncommitted_changes_are_refused_in_one_line(repo: tuple[Path, dict[str,
     assert "Traceback" not in proc.stderr and not (root / "rerun.json").exists()
     proc = transferpipe(root, env, "report", "--base", "base", "--rerun", "missing.json", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no rerun record at missing.json")
+
+
+def test_a_stage_without_a_lock_update_ends_where_the_next_one_starts() -> None:
+    """DVC writes no "Updating lock file" for a stage whose lock entry comes out the same (a skipped variant's
+    marker): its time ends at the next stage's start, not folded into the next stage's or lost."""
+    clock = StageClock(start=0.0)
+    for now, text in [
+        (1.0, "Running stage 'finetune@pretrained':\n"),
+        (5.0, "finetune: {...}\n"),
+        (9.0, "Updating lock file 'dvc.lock'\n"),
+        (9.5, "Running stage 'finetune@scratch':\n"),
+        (12.0, "finetune: scratch skipped (pretrain.scratch_baseline is false)\n"),
+        (13.0, "Running stage 'evaluate':\n"),
+        (20.0, "Updating lock file 'dvc.lock'\n"),
+        (21.0, "Running stage 'last':\n"),
+    ]:
+        clock.line(text, now)
+    clock.end(30.0)
+    assert clock.seconds == {"finetune@pretrained": 8.0, "finetune@scratch": 3.5, "evaluate": 7.0, "last": 9.0}

@@ -78,16 +78,14 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
     )
 
     def pump() -> None:
-        running, since = None, start
+        clock = StageClock(start)
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line.strip())
-            if match := RUNNING.search(line):
-                running, since = match.group(1), time.monotonic()
-            elif running and LOCKED.search(line):
-                stages[running] = round(time.monotonic() - since, 1)
-                running = None
+            clock.line(line, time.monotonic())
+        clock.end(time.monotonic())
+        stages.update(clock.seconds)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -103,6 +101,29 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
         errors = [line for line in tail if line.startswith("ERROR")] or [line for line in tail if line]
         result["error"] = (errors or ["dvc repro failed"])[-1][:300]
     return result
+
+
+class StageClock:
+    """Each stage's seconds from `dvc repro`'s output: from its "Running stage" line to the "Updating lock file"
+    after it, or, where DVC writes no lock update (a stage whose lock entry came out the same), to the next
+    stage's start or the end of the output."""
+
+    def __init__(self, start: float) -> None:
+        self.seconds: dict[str, float] = {}
+        self.running: str | None = None
+        self.since = start
+
+    def line(self, text: str, now: float) -> None:
+        if match := RUNNING.search(text):
+            self.end(now)
+            self.running, self.since = match.group(1), now
+        elif LOCKED.search(text):
+            self.end(now)
+
+    def end(self, now: float) -> None:
+        if self.running is not None:
+            self.seconds[self.running] = round(now - self.since, 1)
+            self.running = None
 
 
 def _stop(proc: subprocess.Popen) -> None:
