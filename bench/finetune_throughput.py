@@ -109,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     params = load()
     ft = load_section(REPO / "params.yaml", "finetune", FinetuneParams)
+    epochs = 1 if args.quick else args.epochs or ft.epochs
     ft = dataclasses.replace(
         ft,
-        epochs=1 if args.quick else args.epochs or ft.epochs,
-        early_stopping_patience=None,
+        epochs=epochs,
+        early_stopping_patience=epochs,  # as many as there are validations: never stops early, like the reference
         precision=args.precision or ft.precision,
         torch_compile=args.torch_compile or ft.torch_compile,
     )

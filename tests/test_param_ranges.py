@@ -23,7 +23,7 @@ from stages import evaluate, finetune, pretrain, tokenize
 from tests.helpers import REPO, TINY_PARAMS, make_corpus
 from transferpipe.data import per_class_indices
 from transferpipe.errors import UserError, run_cli
-from transferpipe.params import SECTIONS, Range, TokenizeParams, load_params
+from transferpipe.params import SECTIONS, TokenizeParams, declared_bounds, declared_range, load_params
 from transferpipe.tokenization import SPECIAL_TOKENS, train_wordpiece
 
 PARAMS = REPO / "params.yaml"
@@ -33,25 +33,21 @@ def admits_number(hint: Any) -> bool:
     return hint in (int, float) or any(option in (int, float) for option in typing.get_args(hint))
 
 
-def declared_range(section: str, key: str) -> Range | None:
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[key].metadata.get("range")
+def bounds(section: str, key: str) -> dict[str, float]:
+    return declared_bounds(SECTIONS[section].__pydantic_fields__[key])
 
 
 def out_of_range(section: str, key: str) -> list[int | float | None]:
     """One value just below the declared range and, where it has an upper bound, one just above (None: the key
     declares no range)."""
-    bounds = declared_range(section, key)
-    if bounds is None:
+    declared = bounds(section, key)
+    if not declared:
         return [None]
     hint = typing.get_type_hints(SECTIONS[section])[key]
     integer = int in (hint, *typing.get_args(hint))
     kind, step = (int, 1) if integer else (float, 0.001)
-    values = []
-    if bounds.low is not None:
-        values.append(bounds.low - step if bounds.low_included else bounds.low)
-    if bounds.high is not None:
-        values.append(bounds.high + step if bounds.high_included else bounds.high)
-    return [kind(round(v, 6)) for v in values]
+    outside = {"gt": 0, "ge": -step, "lt": 0, "le": step}  # the bound itself where it is excluded, else one step out
+    return [kind(round(limit + outside[op], 6)) for op, limit in declared.items()]
 
 
 def numeric_keys() -> list[tuple[str, str]]:
@@ -124,11 +120,11 @@ def run_stage_in_process(stage: str, params: Path, capsys: pytest.CaptureFixture
 def test_out_of_range_value_fails_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture, section: str, key: str, value: int | float | None
 ) -> None:
-    bounds = declared_range(section, key)
-    assert bounds is not None, f"{section}.{key} declares no range: give it one with params.ranged(default, ...)"
+    assert value is not None, f"{section}.{key} declares no range: give it one with Field(default, ge=..., ...)"
     # tokenize is the first stage after prepare, so it checks every section a later stage reads.
     line = run_stage_in_process("tokenize", params_with(tmp_path, {section: {key: value}}), capsys)
-    assert line.startswith(f"error: params {section}.{key}: {value!r} must be {bounds}"), line
+    allowed = declared_range(SECTIONS[section].__pydantic_fields__[key])
+    assert line == f"error: params {section}.{key}: {value!r} must be {allowed}", line
 
 
 # The values the issue measured crashing, reversing the gradient or reporting loss 0 deep inside a stage.
@@ -171,8 +167,7 @@ def test_repo_params_pass_every_check(path: Path) -> None:
 
 
 def test_vocab_size_floor_is_the_special_tokens_and_one_more() -> None:
-    vocab_size = {f.name: f for f in dataclasses.fields(TokenizeParams)}["vocab_size"]
-    assert vocab_size.metadata["range"].low == len(SPECIAL_TOKENS) + 1
+    assert declared_bounds(TokenizeParams.__pydantic_fields__["vocab_size"]) == {"ge": len(SPECIAL_TOKENS) + 1}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

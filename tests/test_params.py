@@ -92,9 +92,16 @@ def test_flat_dict_prefixes_every_key(tmp_path: Path) -> None:
 
 def test_unknown_key_names_section_and_key(tmp_path: Path) -> None:
     path = tiny_params(tmp_path, pretrain={"learning_rat": 0.1})
-    with pytest.raises(UserError, match=r"pretrain\.learning_rat: unknown key") as exc:
+    with pytest.raises(UserError, match=r"pretrain\.learning_rat: unknown key; did you mean learning_rate\? ") as exc:
         load_section(path, "pretrain", PretrainParams)
-    assert "learning_rate" in str(exc.value)  # the accepted keys are listed
+    assert "pretrain accepts enabled, scratch_baseline, max_steps," in str(exc.value)  # the accepted keys are listed
+
+
+def test_unknown_key_far_from_every_key_gets_no_suggestion(tmp_path: Path) -> None:
+    path = tiny_params(tmp_path, evaluate={"xyz": 1})
+    with pytest.raises(UserError) as exc:
+        load_section(path, "evaluate", EvaluateParams)
+    assert str(exc.value).startswith("params evaluate.xyz: unknown key; evaluate accepts batch_size, ")
 
 
 def test_missing_key_is_named(tmp_path: Path) -> None:
