@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     reference, candidate = sides["reference"], sides["candidate"]
     print(f"\nmachine: {cpu_name()}{' (held to AVX2, fp32)' if args.avx2_fp32 else ''}")
-    print(f"reference: {args.reference} {' '.join(args.reference_set)}; candidate: {args.candidate} {' '.join(args.set)}")
+    print(
+        f"reference: {args.reference} {' '.join(args.reference_set)}; candidate: {args.candidate} {' '.join(args.set)}"
+    )
     print(f"{'stage':<22} {'reference s':>12} {'candidate s':>12} {'ratio':>7}")
     for stage in dict.fromkeys([*reference["stages"], *candidate["stages"]]):
         ref, cand = reference["stages"].get(stage), candidate["stages"].get(stage)
