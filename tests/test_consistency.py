@@ -129,11 +129,11 @@ def test_stages_import_the_package_code_beside_them(tmp_path: Path) -> None:
     assert Path(proc.stdout.strip()) == tmp_path / "src" / "transferpipe" / "__init__.py"
 
 
-def test_readme_gpu_command_sets_what_bench_gpu_scale_runs() -> None:
+def test_the_gpu_scale_command_sets_what_bench_gpu_scale_runs() -> None:
     from bench.gpu_scale import GPU_SCALE
 
-    readme = (REPO / "README.md").read_text()
-    command = readme[readme.index("## On a GPU") :].split("```bash")[2].split("```")[0]
+    doc = (REPO / "docs" / "gpu.md").read_text()
+    command = doc[doc.index("## The GPU-scale configuration") :].split("```bash")[1].split("```")[0]
     pairs = dict(re.findall(r"-S ([\w.]+)=(\S+)", command))
     assert {key: yaml.safe_load(value) for key, value in pairs.items()} == GPU_SCALE
 
