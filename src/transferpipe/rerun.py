@@ -65,7 +65,7 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
     """`dvc repro` in root (with env, default this process's), its output passed through, stopped like Ctrl-C at
     the deadline: the outcome (rerun, timeout or failed), each stage's seconds, the total and dvc's error line."""
     start = time.monotonic()
-    stages: dict[str, float] = {}
+    clock = StageClock(start)
     tail: deque[str] = deque(maxlen=20)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
@@ -78,14 +78,11 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
     )
 
     def pump() -> None:
-        clock = StageClock(start)
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line.strip())
             clock.line(line, time.monotonic())
-        clock.end(time.monotonic())
-        stages.update(clock.seconds)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -96,7 +93,9 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
         _stop(proc)
         outcome = "timeout"
     reader.join(timeout=10)
-    result = {"outcome": outcome, "stages": dict(stages), "seconds": round(time.monotonic() - start, 1)}
+    if outcome == "rerun":
+        clock.end(time.monotonic())  # a last stage without a lock update finished; a stopped one did not
+    result = {"outcome": outcome, "stages": dict(clock.seconds), "seconds": round(time.monotonic() - start, 1)}
     if outcome == "failed":
         errors = [line for line in tail if line.startswith("ERROR")] or [line for line in tail if line]
         result["error"] = (errors or ["dvc repro failed"])[-1][:300]
@@ -104,9 +103,9 @@ def repro_timed(root: Path, within_seconds: float, env: dict[str, str] | None = 
 
 
 class StageClock:
-    """Each stage's seconds from `dvc repro`'s output: from its "Running stage" line to the "Updating lock file"
-    after it, or, where DVC writes no lock update (a stage whose lock entry came out the same), to the next
-    stage's start or the end of the output."""
+    """Each finished stage's seconds from `dvc repro`'s output: from its "Running stage" line to the "Updating lock
+    file" after it, or, where DVC writes no lock update (a stage whose lock entry came out the same), to the next
+    stage's start, or to `end` (called once `dvc repro` succeeded)."""
 
     def __init__(self, start: float) -> None:
         self.seconds: dict[str, float] = {}
