@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import BertConfig, PreTrainedTokenizerBase
 
 from transferpipe.data import prepare
@@ -28,6 +31,27 @@ def load(params: Path = REPO / "params.yaml") -> dict:
         "model": dataclasses.replace(load_section(params, "model", ModelParams), checkpoint=None),
         "pretrain": load_section(params, "pretrain", PretrainParams),
     }
+
+
+def assignments(texts: list[str]) -> dict[str, object]:
+    """`dvc exp run -S`'s KEY=VALUE (a dotted params key, a YAML value) as {key: value}."""
+    pairs = [text.partition("=") for text in texts]
+    for text, (_, sep, _) in zip(texts, pairs, strict=True):
+        if not sep:
+            sys.exit(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.epochs=2")
+    return {key: yaml.safe_load(value) for key, _, value in pairs}
+
+
+def write_params(path: Path, base: dict, overrides: dict[str, object]) -> Path:
+    """`base` (a params file read as a mapping) with `overrides` ({"finetune.epochs": 2}) set, written to path."""
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name not in raw.get(section, {}):
+            sys.exit(f"{key}: not a key of params.yaml (SECTION.KEY, e.g. finetune.epochs)")
+        raw[section][name] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def default_data(params: dict) -> tuple[dict, list[str]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import REPO
+from bench.common import REPO, assignments, write_params
 from transferpipe.rerun import cpu_name, repro_timed
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -33,25 +33,14 @@ FP32 = ["pretrain.precision=fp32", "finetune.precision=fp32"]
 LIMIT_S = 3600  # one side's `dvc repro` at most
 
 
-def set_params(params: Path, assignments: list[str]) -> None:
-    """KEY=VALUE (a dotted key, a YAML value) into a params file, as `dvc exp run -S` sets them."""
-    values = yaml.safe_load(params.read_text(encoding="utf-8"))
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or name not in values.get(section, {}):
-            sys.exit(f"--set {assignment!r}: expected KEY=VALUE with a key of {params.name}, e.g. finetune.epochs=2")
-        values[section][name] = yaml.safe_load(text)
-    params.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-
-
-def fresh_run(rev: str, assignments: list[str], env: dict[str, str], label: str) -> dict:
+def fresh_run(rev: str, overrides: dict[str, object], env: dict[str, str], label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"fresh-repro-{label}-") as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
         subprocess.run(["git", "checkout", "--quiet", rev], cwd=clone, check=True)
-        set_params(clone / "params.yaml", assignments)
-        print(f"== {label}: {rev} {' '.join(assignments)}", flush=True)
+        params = clone / "params.yaml"
+        write_params(params, yaml.safe_load(params.read_text(encoding="utf-8")), overrides)
+        print(f"== {label}: {rev} {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
         run_env = {**os.environ, **env, "PYTHONPATH": str(clone / "src")}
         result = repro_timed(clone, LIMIT_S, env=run_env)
         if result["outcome"] != "rerun":
@@ -69,11 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--avx2-fp32", action="store_true", help="approximate a CPU without AVX512 (both runs)")
     args = parser.parse_args(argv)
     env, extra = (AVX2, FP32) if args.avx2_fp32 else ({}, [])
-    sides = {
-        "reference": fresh_run(args.reference, extra + args.reference_set, env, "reference"),
-        "candidate": fresh_run(args.candidate, extra + args.set, env, "candidate"),
-    }
-    reference, candidate = sides["reference"], sides["candidate"]
+    reference = fresh_run(args.reference, assignments(extra + args.reference_set), env, "reference")
+    candidate = fresh_run(args.candidate, assignments(extra + args.set), env, "candidate")
     print(f"\nmachine: {cpu_name()}{' (held to AVX2, fp32)' if args.avx2_fp32 else ''}")
     print(
         f"reference: {args.reference} {' '.join(args.reference_set)}; candidate: {args.candidate} {' '.join(args.set)}"

@@ -17,19 +17,16 @@ Run: python -m bench.gpu_scale --out /tmp/gpu_scale [--labels-per-class 5 20] [-
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
 from pathlib import Path
 
-import yaml
-
-from bench.common import REPO
+from bench.common import REPO, assignments, write_params
 from stages import evaluate, finetune, pretrain, tokenize
 from transferpipe.params import read_params_file
 
-# The GPU-scale overrides of params.yaml (the README's GPU command sets the same; tests/test_consistency.py).
+# The GPU-scale overrides of params.yaml (docs/gpu.md's command sets the same; tests/test_consistency.py).
 GPU_SCALE = {
     "model.checkpoint": None,  # the encoder pretrained here (the default fine-tunes a published checkpoint)
     "pretrain.enabled": True,
@@ -55,15 +52,6 @@ GPU_SCALE = {
     "finetune.early_stopping_patience": 3,
     "finetune.num_workers": 2,
 }
-
-
-def write_params(path: Path, base: dict, overrides: dict) -> Path:
-    raw = copy.deepcopy(base)
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def pretrain_stage(params: Path, out: Path, tag: str) -> dict:
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = {**GPU_SCALE, "tracking.enabled": False}
-    overrides.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    overrides.update(assignments(args.set))
     base = read_params_file(REPO / "params.yaml")
     params = write_params(args.out / "params.yaml", base, overrides)
     timings = {}

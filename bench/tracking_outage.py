@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import REPO, machine
+from bench.common import REPO, assignments, machine, write_params
 
 
 def free_port() -> int:
@@ -67,13 +67,8 @@ def kill(proc: subprocess.Popen) -> None:
 def run(d: Path, label: str, args: argparse.Namespace, kill_after: float | None) -> dict:
     port = free_port()
     server = start_server(d / label, port)
-    params = yaml.safe_load((args.root / "params.yaml").read_text())
-    params["finetune"]["labels_per_class"] = args.labels_per_class
-    for assignment in args.set:
-        key, value = assignment.split("=", 1)
-        section, name = key.split(".", 1)
-        params[section][name] = yaml.safe_load(value)
-    (d / label / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    overrides = {"finetune.labels_per_class": args.labels_per_class, **assignments(args.set)}
+    write_params(d / label / "params.yaml", yaml.safe_load((args.root / "params.yaml").read_text()), overrides)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
            "TRANSFERPIPE_CHECKPOINT_DIR": str(d / label / "checkpoints")}  # fmt: skip
     out, root = d / label, args.root
